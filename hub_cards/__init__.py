@@ -1,0 +1,1 @@
+"""Model-card templates, one per system, shipped inside the wheel as package data."""
