@@ -1,0 +1,159 @@
+"""`RegionTrainer`: the `transformers.Trainer` every system's trainer derives from, and training-stage recipes.
+
+The four papers train with several loss terms at once (Groma's focal + L1 + GIoU set loss, RegionBLIP's ITC + ITM +
+ITG + LM + L_reg, TAP's concept KL + focal/dice + caption CE, u-LLaVA's CE + BCE + dice + L1 + GIoU), and in stages
+that freeze different parts (Groma Table 10, u-LLaVA stages I/II, TAP stages 1/2). This module adds exactly those two
+things to `Trainer` and nothing else, so `accelerate launch`, checkpointing, resuming and callbacks stay stock:
+
+- every model output may carry `loss_dict: dict[str, Tensor]` (unweighted named terms); `RegionTrainer` averages each
+  term over the optimisation steps since the last log, across processes, and logs it next to `loss`;
+- a `TrainingStage` names which parameters train (by substring patterns) plus the stage's optimiser settings;
+  `apply_training_stage` freezes everything else and returns a summary that tests and logs can check.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer
+
+__all__ = ["RegionTrainer", "TrainingStage", "apply_training_stage", "stage_by_name", "trainable_parameter_names"]
+
+
+@dataclass(frozen=True)
+class TrainingStage:
+    """One training stage of a paper: what trains, and with which optimiser settings.
+
+    Args:
+        name: the stage's name on the command line (`"det"`, `"align"`, `"instruct"`).
+        trainable: substrings of parameter names (as in `model.named_parameters()`) that train in this stage; every
+            other parameter is frozen. An empty tuple trains nothing and is rejected.
+        frozen: substrings that stay frozen even if they match `trainable` (e.g. a frozen tower inside a trained
+            block).
+        learning_rate, weight_decay, lr_scheduler_type, warmup_steps: the paper's optimiser settings for the stage,
+            applied by `training_arguments_overrides()`.
+        description: one line for logs and the model card.
+    """
+
+    name: str
+    trainable: tuple[str, ...]
+    frozen: tuple[str, ...] = ()
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.0
+    lr_scheduler_type: str = "cosine"
+    warmup_steps: float = 0.0
+    description: str = ""
+    extra_arguments: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.trainable:
+            raise ValueError(f"TrainingStage {self.name!r}: `trainable` must name at least one parameter pattern.")
+        if self.learning_rate <= 0:
+            raise ValueError(f"TrainingStage {self.name!r}: `learning_rate` must be > 0, got {self.learning_rate}.")
+
+    def is_trainable(self, parameter_name: str) -> bool:
+        return any(p in parameter_name for p in self.trainable) and not any(p in parameter_name for p in self.frozen)
+
+    def training_arguments_overrides(self) -> dict[str, Any]:
+        """Keyword arguments for `TrainingArguments` that this stage fixes (the caller's other settings stay)."""
+        return {
+            "learning_rate": self.learning_rate,
+            "weight_decay": self.weight_decay,
+            "lr_scheduler_type": self.lr_scheduler_type,
+            "warmup_steps": self.warmup_steps,
+            **self.extra_arguments,
+        }
+
+
+def apply_training_stage(model: nn.Module, stage: TrainingStage) -> dict[str, int]:
+    """Set `requires_grad` on every parameter of `model` according to `stage`.
+
+    Returns `{"trainable": n_trainable_parameters, "frozen": n_frozen_parameters}` (counts of scalars). Raises a
+    `ValueError` when a pattern of `stage.trainable` matches no parameter (a renamed module would otherwise silently
+    freeze everything).
+    """
+    matched = dict.fromkeys(stage.trainable, False)
+    counts = {"trainable": 0, "frozen": 0}
+    for name, parameter in model.named_parameters():
+        train = stage.is_trainable(name)
+        parameter.requires_grad_(train)
+        counts["trainable" if train else "frozen"] += parameter.numel()
+        for pattern in stage.trainable:
+            if pattern in name:
+                matched[pattern] = True
+    missing = [p for p, hit in matched.items() if not hit]
+    if missing:
+        raise ValueError(
+            f"Stage {stage.name!r}: the trainable patterns {missing} match no parameter of {type(model).__name__}; "
+            "check the module names (model.named_parameters())."
+        )
+    return counts
+
+
+def trainable_parameter_names(model: nn.Module) -> list[str]:
+    """Names of the parameters that currently require gradients."""
+    return [name for name, parameter in model.named_parameters() if parameter.requires_grad]
+
+
+class RegionTrainer(Trainer):
+    """A `Trainer` that logs each named loss term of the model output next to the total loss.
+
+    Models return unweighted terms in `outputs.loss_dict` (`{"loss_ce": ..., "loss_giou": ...}`); the total that is
+    optimised stays `outputs.loss`. Terms are averaged over the micro-batches since the last log and over processes,
+    then logged under their own names (a name without the `loss` prefix gets `loss_` prepended). All processes must
+    return the same term names for a given batch layout (return zeros for absent terms), since the cross-process mean
+    is a collective call.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._loss_term_sums: dict[str, torch.Tensor] = {}
+        self._loss_term_count = 0
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        loss, outputs = super().compute_loss(
+            model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+        )
+        if model.training:
+            self._accumulate_loss_terms(outputs)
+        return (loss, outputs) if return_outputs else loss
+
+    def _accumulate_loss_terms(self, outputs: Any) -> None:
+        loss_dict = outputs.get("loss_dict") if isinstance(outputs, dict) else getattr(outputs, "loss_dict", None)
+        if not loss_dict:
+            return
+        for name, value in loss_dict.items():
+            value = value.detach().float() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
+            key = name if name.startswith("loss") else f"loss_{name}"
+            self._loss_term_sums[key] = self._loss_term_sums.get(key, 0.0) + value
+        self._loss_term_count += 1
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._loss_term_count:
+            names = sorted(self._loss_term_sums)
+            device = self.args.device
+            means = torch.stack([self._loss_term_sums[n].to(device) for n in names]) / self._loss_term_count
+            if self.accelerator.num_processes > 1:
+                means = self.accelerator.reduce(means, reduction="mean")
+            logs.update({name: round(float(v), 6) for name, v in zip(names, means.tolist(), strict=True)})
+            self._loss_term_sums.clear()
+            self._loss_term_count = 0
+        super().log(logs, start_time)
+
+
+def stage_by_name(stages: Sequence[TrainingStage], name: str) -> TrainingStage:
+    """The stage called `name`, or a clear error listing the known stage names."""
+    for stage in stages:
+        if stage.name == name:
+            return stage
+    raise ValueError(f"Unknown training stage {name!r}; choose one of {[s.name for s in stages]}.")
