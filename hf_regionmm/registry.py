@@ -86,6 +86,13 @@ class SystemSpec:
         training: the trainer recipe, once the system has one.
         frozen_parameter_patterns: substrings of parameter names that are meant to be frozen in the tiny model
             (the gradient-flow contract skips them).
+        demo: `(output_dir: Path, progress: Callable[[str], None]) -> dict[str, float]`: the system's part of
+            `hf-regionmm demo` (train the tiny model on synthetic data, evaluate, save checkpoint, card and pictures
+            under `output_dir`); None falls back to a generic run of the trainer recipe.
+        evaluate: `(checkpoint: str, output_dir: Path, **options) -> dict[str, float]` for `hf-regionmm eval`.
+        convert: `(source: str, destination: str, **options) -> None` for `hf-regionmm convert` (original release
+            checkpoints to this library's layout).
+        card_template: file name of the model-card template in `hub_cards/`.
     """
 
     name: str
@@ -102,6 +109,10 @@ class SystemSpec:
     bad_inputs: Callable[[], list[BadInputCase]] = list
     training: TrainingRecipe | None = None
     frozen_parameter_patterns: Sequence[str] = ()
+    demo: Callable[..., dict[str, float]] | None = None
+    evaluate: Callable[..., dict[str, float]] | None = None
+    convert: Callable[..., None] | None = None
+    card_template: str | None = None
 
     def __post_init__(self) -> None:
         unknown = set(self.model_classes) - set(_MODEL_AUTO_CLASSES)
