@@ -57,18 +57,30 @@ def run(quick: bool = False) -> list[Comparison]:
 
     return [
         compare(
-            "ROIAlign, 100 boxes x 3 levels", ours_pool, peer_pool, ours_label="MultiScaleRoIAlign",
-            peer_label="torchvision MultiScaleRoIAlign x3", repeats=repeats, target="~1.0",
+            "ROIAlign, 100 boxes x 3 levels",
+            ours_pool,
+            peer_pool,
+            ours_label="MultiScaleRoIAlign",
+            peer_label="torchvision MultiScaleRoIAlign x3",
+            repeats=repeats,
+            target="~1.0",
         ),
         compare(
-            "2x2 token merge, 8 x 1024 tokens", lambda: merge_tokens_2d(tokens, (32, 32)),
+            "2x2 token merge, 8 x 1024 tokens",
+            lambda: merge_tokens_2d(tokens, (32, 32)),
             lambda: torch.nn.functional.pixel_unshuffle(tokens.view(8, 32, 32, 1024).permute(0, 3, 1, 2), 2),
-            ours_label="merge_tokens_2d", peer_label="F.pixel_unshuffle", repeats=repeats, target="~1.0",
+            ours_label="merge_tokens_2d",
+            peer_label="F.pixel_unshuffle",
+            repeats=repeats,
+            target="~1.0",
         ),
         compare(
-            "NMS + score + top-k, 300 boxes", lambda: select_boxes(proposals, scores, score_threshold=0.15,
-                                                                   iou_threshold=0.6, max_num=100),
-            peer_select, ours_label="select_boxes", peer_label="torchvision nms + slicing", repeats=repeats,
+            "NMS + score + top-k, 300 boxes",
+            lambda: select_boxes(proposals, scores, score_threshold=0.15, iou_threshold=0.6, max_num=100),
+            peer_select,
+            ours_label="select_boxes",
+            peer_label="torchvision nms + slicing",
+            repeats=repeats,
             target="~1.0",
         ),
     ]

@@ -1,8 +1,8 @@
 """Run every benchmark module and write bench/results/results.{json,md} (and, with --update-readme, README's table).
 
-    python -m bench.run                  # full repetitions
-    python -m bench.run --quick          # fewer repetitions and smaller inputs (smoke check)
-    python -m bench.run --update-readme  # also replace the table between the bench markers in README.md
+python -m bench.run                  # full repetitions
+python -m bench.run --quick          # fewer repetitions and smaller inputs (smoke check)
+python -m bench.run --update-readme  # also replace the table between the bench markers in README.md
 """
 
 from __future__ import annotations

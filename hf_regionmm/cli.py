@@ -58,8 +58,9 @@ def _generic_demo(spec: Any, output_dir: Path, progress) -> dict[str, float]:
     trainer.processing_class.save_pretrained(checkpoint)
     metrics = {"first_loss": losses[0], "last_loss": losses[-1]}
     if spec.card_template:
-        write_model_card(checkpoint, spec.card_template.removesuffix(".md"), model_id=f"{spec.name}-tiny-demo",
-                         eval_results=metrics)
+        write_model_card(
+            checkpoint, spec.card_template.removesuffix(".md"), model_id=f"{spec.name}-tiny-demo", eval_results=metrics
+        )
     progress(f"{spec.name}: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
     return metrics
 
@@ -105,8 +106,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
             raise ValueError(f"System {spec.name!r} defines no training stages; omit --stage.")
         overrides.update(stage_by_name(stages, args.stage).training_arguments_overrides())
     trainer = build_tiny_trainer(
-        spec, args.output_dir, max_steps=args.max_steps, batch_size=args.batch_size, num_samples=args.num_samples,
-        seed=args.seed, logging_steps=max(1, args.max_steps // 20), **overrides,
+        spec,
+        args.output_dir,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        num_samples=args.num_samples,
+        seed=args.seed,
+        logging_steps=max(1, args.max_steps // 20),
+        **overrides,
     )
     if args.stage is not None and hasattr(trainer, "set_stage"):
         trainer.set_stage(args.stage)

@@ -58,8 +58,9 @@ def test_cli_reports_unknown_system_cleanly(capsys):
 def test_bench_compare_measures_a_known_ratio(tmp_path: Path):
     import time
 
-    result = compare("sleep", lambda: time.sleep(0.002), lambda: time.sleep(0.004), ours_label="2ms",
-                     peer_label="4ms", repeats=5)
+    result = compare(
+        "sleep", lambda: time.sleep(0.002), lambda: time.sleep(0.004), ours_label="2ms", peer_label="4ms", repeats=5
+    )
     assert 0.3 < result.ratio < 0.8
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- bench:start -->\nold\n<!-- bench:end -->\noutro\n")

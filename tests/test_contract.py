@@ -146,8 +146,14 @@ def test_bad_inputs_raise_clear_errors(spec: SystemSpec):
 # ---- training: resume equals an uninterrupted run; two CPU processes equal one at the same global batch ----------
 
 
-def _train_losses(spec: SystemSpec, output_dir: Path, *, max_steps: int, save_steps: int | None = None,
-                  resume_from: str | None = None) -> dict[int, float]:
+def _train_losses(
+    spec: SystemSpec,
+    output_dir: Path,
+    *,
+    max_steps: int,
+    save_steps: int | None = None,
+    resume_from: str | None = None,
+) -> dict[int, float]:
     trainer = build_tiny_trainer(spec, output_dir, max_steps=max_steps, save_steps=save_steps)
     trainer.train(resume_from_checkpoint=resume_from)
     return {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
@@ -173,14 +179,38 @@ def test_two_cpu_processes_match_one_process_at_the_same_global_batch(spec: Syst
     single = tmp_path / "single.json"
     subprocess.run(
         [sys.executable, str(script), "--system", spec.name, "--batch-size", "2", "--output", str(single)],
-        check=True, env=env, cwd=tmp_path,
+        check=True,
+        env=env,
+        cwd=tmp_path,
     )
     double = tmp_path / "double.json"
     subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517", str(script),
-         "--system", spec.name, "--batch-size", "1", "--output", str(double)],
-        check=True, env=env, cwd=tmp_path,
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--num_processes",
+            "2",
+            "--cpu",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            "29517",
+            str(script),
+            "--system",
+            spec.name,
+            "--batch-size",
+            "1",
+            "--output",
+            str(double),
+        ],
+        check=True,
+        env=env,
+        cwd=tmp_path,
     )
     one, two = json.loads(single.read_text()), json.loads(double.read_text())
     assert two["world_size"] == 2 and one["world_size"] == 1

@@ -57,8 +57,15 @@ class _Rows(torch.utils.data.Dataset):
 def test_each_named_loss_term_is_logged_and_consistent_with_the_total(tmp_path):
     model = _TwoTermModel(_TwoTermConfig())
     args = TrainingArguments(
-        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, logging_steps=1, report_to=[],
-        use_cpu=True, learning_rate=0.0, remove_unused_columns=False, disable_tqdm=True,
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        learning_rate=0.0,
+        remove_unused_columns=False,
+        disable_tqdm=True,
     )
     trainer = RegionTrainer(model=model, args=args, train_dataset=_Rows())
     trainer.train()

@@ -8,7 +8,12 @@ from hf_regionmm.data.tiny_tokenizer import build_word_tokenizer
 
 def test_ids_specials_and_round_trip(tmp_path):
     tokenizer = build_word_tokenizer(["a", "red", "circle", "."], ["<p>", "</p>", "<r0>"])
-    assert [tokenizer.unk_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id] == [0, 1, 2, 3]
+    assert [tokenizer.unk_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id] == [
+        0,
+        1,
+        2,
+        3,
+    ]
     ids = tokenizer("<p>A red circle</p>.<r0>").input_ids
     assert tokenizer.convert_ids_to_tokens(ids) == ["<s>", "<p>", "a", "red", "circle", "</p>", ".", "<r0>"]
     assert tokenizer("blue circle", add_special_tokens=False).input_ids == [0, 6]

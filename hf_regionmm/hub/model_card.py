@@ -92,7 +92,9 @@ def render_model_card(
     )
 
 
-def write_model_card(directory: str | Path, system: str, *, eval_json: str | Path | None = None, **kwargs: Any) -> Path:
+def write_model_card(
+    directory: str | Path, system: str, *, eval_json: str | Path | None = None, **kwargs: Any
+) -> Path:
     """Render the card for the checkpoint in `directory` (optionally with results from `eval_json`) as README.md."""
     directory = Path(directory)
     if not (directory / "config.json").is_file():
