@@ -97,14 +97,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .trainers.tiny_training import build_tiny_trainer
 
     spec = get_system(args.system)
-    overrides: dict[str, Any] = {}
-    stages = getattr(spec.training, "trainer_kwargs", {}).get("stages") if spec.training else None
-    if args.stage is not None:
-        from .trainers import stage_by_name
-
-        if not stages:
-            raise ValueError(f"System {spec.name!r} defines no training stages; omit --stage.")
-        overrides.update(stage_by_name(stages, args.stage).training_arguments_overrides())
     trainer = build_tiny_trainer(
         spec,
         args.output_dir,
@@ -113,13 +105,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
         num_samples=args.num_samples,
         seed=args.seed,
         logging_steps=max(1, args.max_steps // 20),
-        **overrides,
+        stage=args.stage,
+        use_stage_optimizer=True,
     )
-    if args.stage is not None and hasattr(trainer, "set_stage"):
-        trainer.set_stage(args.stage)
     trainer.train()
     trainer.save_model(args.output_dir)
     trainer.processing_class.save_pretrained(args.output_dir)
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    if logged:
+        _progress(f"loss {logged[0]['loss']:.4f} -> {logged[-1]['loss']:.4f}")
     _progress(f"saved {spec.name} to {Path(args.output_dir).resolve()}")
     return 0
 

@@ -49,18 +49,21 @@ class BadInputCase:
 
 @dataclass(frozen=True)
 class TrainingRecipe:
-    """How the contract test and the demo train a tiny model of a system.
+    """How the contract test, the demo and `hf-regionmm train` train a tiny model of a system.
 
-    `build_dataset(processor, num_samples, seed)` returns a `torch.utils.data.Dataset` (or `datasets.Dataset`) of
-    training examples; `collator(processor)` returns the data collator; `trainer_class` is the system's `Trainer`
-    subclass, constructed as `trainer_class(model=..., args=..., train_dataset=..., data_collator=...,
-    processing_class=processor, **trainer_kwargs)`.
+    `build_dataset(processor, num_samples, seed, stage)` returns a `torch.utils.data.Dataset` (or `datasets.Dataset`)
+    of training examples for `stage` (None: `default_stage`); `collator(processor)` returns the data collator;
+    `trainer_class` is the system's `Trainer` subclass, constructed as `trainer_class(model=..., args=...,
+    train_dataset=..., data_collator=..., processing_class=processor, **trainer_kwargs)` plus `stage=<name>` when the
+    recipe has `stages` (the paper's `TrainingStage`s, whose optimiser settings go into the `TrainingArguments`).
     """
 
     trainer_class: type
-    build_dataset: Callable[[Any, int, int], Any]
+    build_dataset: Callable[[Any, int, int, str | None], Any]
     collator: Callable[[Any], Callable]
     trainer_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    stages: Sequence[Any] = ()
+    default_stage: str | None = None
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Train a registered system's tiny model for 3 steps and write the logged losses as JSON.
 
-Run by `tests/test_contract.py` once as a plain process and once under
-`accelerate launch --num_processes 2 --cpu`; both must log the same losses at the same global batch.
+Run by `tests/test_contract.py` once as a plain process and once under `accelerate launch` with two CPU processes;
+both must log the same losses (total and named terms) at the same global batch.
 """
 
 import argparse
@@ -25,10 +25,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as output_dir:
         trainer = build_tiny_trainer(get_system(args.system), output_dir, max_steps=3, batch_size=args.batch_size)
         trainer.train()
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    terms = {k: [h[k] for h in logs] for k in logs[0] if k.startswith("loss_")}
     if state.is_main_process:
         with open(args.output, "w") as f:
-            json.dump({"world_size": state.num_processes, "losses": losses}, f)
+            json.dump({"world_size": state.num_processes, "losses": [h["loss"] for h in logs], "terms": terms}, f)
 
 
 if __name__ == "__main__":

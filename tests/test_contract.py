@@ -174,8 +174,11 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(spec: SystemSpec, tmp_
 @pytest.mark.slow
 @pytest.mark.parametrize("spec", TRAINABLE_SYSTEMS[:1], ids=_ids(TRAINABLE_SYSTEMS[:1]))
 def test_two_cpu_processes_match_one_process_at_the_same_global_batch(spec: SystemSpec, tmp_path: Path):
+    # `accelerate launch --cpu --num_processes 2` starts ONE process unless MPI is installed (accelerate routes --cpu
+    # to its simple launcher; MULTI_CPU needs torchrun's or MPI's rank variables). The torchrun launcher with the
+    # Trainer's use_cpu=True gives the real thing: two CPU processes, gloo, DistributedDataParallel.
     script = REPO_ROOT / "tests" / "accelerate_train_script.py"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": ""}
     single = tmp_path / "single.json"
     subprocess.run(
         [sys.executable, str(script), "--system", spec.name, "--batch-size", "2", "--output", str(single)],
@@ -189,9 +192,9 @@ def test_two_cpu_processes_match_one_process_at_the_same_global_batch(spec: Syst
             sys.executable,
             "-m",
             "accelerate.commands.launch",
+            "--multi_gpu",
             "--num_processes",
             "2",
-            "--cpu",
             "--num_machines",
             "1",
             "--mixed_precision",
@@ -216,3 +219,6 @@ def test_two_cpu_processes_match_one_process_at_the_same_global_batch(spec: Syst
     assert two["world_size"] == 2 and one["world_size"] == 1
     assert len(one["losses"]) == len(two["losses"]) == 3
     assert two["losses"] == pytest.approx(one["losses"], rel=1e-4, abs=1e-5)
+    assert one["terms"] and two["terms"].keys() == one["terms"].keys()
+    for name, values in one["terms"].items():
+        assert two["terms"][name] == pytest.approx(values, rel=1e-4, abs=1e-5), name

@@ -104,7 +104,9 @@ class RegionTrainer(Trainer):
 
     Models return unweighted terms in `outputs.loss_dict` (`{"loss_ce": ..., "loss_giou": ...}`); the total that is
     optimised stays `outputs.loss`. Terms are averaged over the micro-batches since the last log and over processes,
-    then logged under their own names (a name without the `loss` prefix gets `loss_` prepended). All processes must
+    then logged under their own names (a name without the `loss` prefix gets `loss_` prepended). Terms are assumed
+    to be normalised like `outputs.loss` (by the global token count when the model takes `num_items_in_batch`, else
+    per process), so the logged values match a one-process run at the same global batch. All processes must
     return the same term names for a given batch layout (return zeros for absent terms), since the cross-process mean
     is a collective call.
     """
@@ -123,15 +125,26 @@ class RegionTrainer(Trainer):
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         if model.training:
-            self._accumulate_loss_terms(outputs)
+            # Trainer multiplies the loss by the process count when the model normalised it by the token count of
+            # the whole global batch (average_tokens_across_devices); the named terms get the same factor so that
+            # the logged values equal a one-process run at the same global batch.
+            scale = 1
+            if (
+                self.args.average_tokens_across_devices
+                and self.model_accepts_loss_kwargs
+                and num_items_in_batch is not None
+            ):
+                scale = self.accelerator.num_processes
+            self._accumulate_loss_terms(outputs, scale)
         return (loss, outputs) if return_outputs else loss
 
-    def _accumulate_loss_terms(self, outputs: Any) -> None:
+    def _accumulate_loss_terms(self, outputs: Any, scale: float = 1) -> None:
         loss_dict = outputs.get("loss_dict") if isinstance(outputs, dict) else getattr(outputs, "loss_dict", None)
         if not loss_dict:
             return
         for name, value in loss_dict.items():
             value = value.detach().float() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
+            value = value * scale
             key = name if name.startswith("loss") else f"loss_{name}"
             self._loss_term_sums[key] = self._loss_term_sums.get(key, 0.0) + value
         self._loss_term_count += 1

@@ -30,6 +30,7 @@ def build_tiny_trainer(
     model: Any = None,
     processor: Any = None,
     train_dataset: Any = None,
+    stage: str | None = None,
     **training_arguments: Any,
 ) -> Trainer:
     """Build `spec`'s trainer on its tiny config (or the given `model`/`processor`) and synthetic training data.
@@ -42,6 +43,8 @@ def build_tiny_trainer(
         num_samples: size of the synthetic training set built by the recipe.
         seed: seeds model init, data and the Trainer.
         save_steps: save a checkpoint every `save_steps` steps (None: no checkpoints).
+        stage: the paper's training stage (recipes with `stages`); None is the recipe's `default_stage`. Its
+            optimiser settings override `learning_rate` unless `use_stage_optimizer=False` is passed.
         training_arguments: any other `TrainingArguments` field.
     """
     if spec.training is None:
@@ -54,8 +57,20 @@ def build_tiny_trainer(
     if processor is None:
         processor = spec.tiny_processor()
     recipe = spec.training
+    use_stage_optimizer = training_arguments.pop("use_stage_optimizer", False)
+    trainer_kwargs = dict(recipe.trainer_kwargs)
+    stage_overrides: dict[str, Any] = {}
+    if recipe.stages:
+        from .region_trainer import stage_by_name
+
+        stage = stage or recipe.default_stage
+        trainer_kwargs["stage"] = stage
+        if use_stage_optimizer:
+            stage_overrides = stage_by_name(recipe.stages, stage).training_arguments_overrides()
+    elif stage is not None:
+        raise ValueError(f"System {spec.name!r} defines no training stages; got stage={stage!r}.")
     if train_dataset is None:
-        train_dataset = recipe.build_dataset(processor, num_samples, seed)
+        train_dataset = recipe.build_dataset(processor, num_samples, seed, stage)
     arguments = {
         "output_dir": str(output_dir),
         "max_steps": max_steps,
@@ -72,6 +87,7 @@ def build_tiny_trainer(
         "dataloader_num_workers": 0,
         "disable_tqdm": True,
     }
+    arguments.update(stage_overrides)
     arguments.update(training_arguments)
     return recipe.trainer_class(
         model=model,
@@ -79,5 +95,5 @@ def build_tiny_trainer(
         train_dataset=train_dataset,
         data_collator=recipe.collator(processor),
         processing_class=processor,
-        **recipe.trainer_kwargs,
+        **trainer_kwargs,
     )

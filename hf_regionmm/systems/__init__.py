@@ -1,0 +1,3 @@
+"""Registered systems: importing this package registers every system with the registry and the Auto classes."""
+
+from . import groma  # noqa: F401

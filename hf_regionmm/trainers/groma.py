@@ -1,0 +1,213 @@
+"""Groma training: the three stages of the paper (Table 10), task mixing on region data, and the collator.
+
+| stage | trains (paper: RP / RE, VLP / RE, VLP, LLM) | lr | weight decay |
+|---|---|---|---|
+| `det` detection pretraining | region proposer (DINOv2 frozen) | 2e-4 | 1e-4 |
+| `align` alignment pretraining | region encoder, vision-language projector, Groma's new-token embeddings/head | 1e-4 | 0 |
+| `instruct` instruction finetuning | the same + the LLM | 1e-5 | 0 |
+
+The new-token embeddings (`<roi>`, `<r0>`... ) and their output head train whenever the projector does: they are
+new, and the released layout keeps them apart from the frozen LLM vocabulary precisely so they can.
+
+Examples are built from scenes in the synthetic schema (`hf_regionmm.data.synthetic.scene_features`, which the
+real-format loaders also produce): REC, region captioning, multi-instance grounding and grounded captioning, in the
+released prompt formats (`GromaProcessor.rec_prompt`, ...), with `<ground_box>` placeholders that the model resolves
+to the best-matching region slot.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ..processing.processing_groma import (
+    grounded_caption_prompt,
+    multi_grounding_answer,
+    multi_grounding_prompt,
+    rec_answer,
+    rec_prompt,
+    region_caption_answer,
+    region_caption_prompt,
+)
+from .region_trainer import RegionTrainer, TrainingStage, apply_training_stage, stage_by_name
+
+__all__ = [
+    "GROMA_STAGES",
+    "GROMA_TASKS",
+    "GromaCollator",
+    "GromaTrainer",
+    "GromaTrainingDataset",
+    "groma_examples_from_scene",
+]
+
+_LANGUAGE_SIDE = (
+    "model.region_encoder.",
+    "model.multi_modal_projector.",
+    "model.new_token_embeddings.",
+    "extra_lm_head.",
+)
+
+GROMA_STAGES: tuple[TrainingStage, ...] = (
+    TrainingStage(
+        name="det",
+        trainable=("model.proposer.",),
+        learning_rate=2e-4,
+        weight_decay=1e-4,
+        description="detection pretraining: class-agnostic proposer on frozen DINOv2 (Hungarian set loss)",
+    ),
+    TrainingStage(
+        name="align",
+        trainable=_LANGUAGE_SIDE,
+        learning_rate=1e-4,
+        description="alignment pretraining: region encoder + projector (+ new tokens), LLM and perceiver frozen",
+    ),
+    TrainingStage(
+        name="instruct",
+        trainable=(*_LANGUAGE_SIDE, "model.language_model.", "lm_head."),
+        learning_rate=1e-5,
+        description="instruction finetuning: region encoder + projector + LLM, perceiver frozen",
+    ),
+)
+
+GROMA_TASKS = ("rec", "region_caption", "multi_grounding", "grounded_caption")
+_REGION_TOKEN_RE = re.compile(r"<r(\d+)>")
+
+
+def _grounded_answer(grounded_text: str, boxes: Sequence[Sequence[float]]) -> tuple[str, list[list[float]]]:
+    """Replace each `<rK>` (K indexes the scene's boxes) by `<ground_box>` and list the boxes in order of appearance."""
+    order = [int(k) for k in _REGION_TOKEN_RE.findall(grounded_text)]
+    if any(k >= len(boxes) for k in order):
+        raise ValueError(f"grounded text names region {max(order)} but the scene has {len(boxes)} boxes.")
+    return _REGION_TOKEN_RE.sub("<ground_box>", grounded_text), [list(boxes[k]) for k in order]
+
+
+def groma_examples_from_scene(scene: dict[str, Any], task: str, rng: random.Random) -> dict[str, Any]:
+    """One training example of `task` from a scene in the synthetic schema.
+
+    Returns `{"image", "query", "answer", "boxes" (user boxes, pixel xyxy), "ground_boxes" (pixel xyxy), "task"}`.
+    """
+    boxes = scene["boxes"]
+    example: dict[str, Any] = {"image": scene["image"], "boxes": [], "ground_boxes": [], "task": task}
+    if task == "rec":
+        expression = rng.choice(scene["referring_expressions"])
+        example.update(query=rec_prompt(expression["text"]), answer=rec_answer())
+        example["ground_boxes"] = [list(boxes[expression["object_index"]])]
+    elif task == "region_caption":
+        index = rng.randrange(len(boxes))
+        example.update(query=region_caption_prompt(), answer=region_caption_answer(scene["region_captions"][index]))
+        example["boxes"] = [list(boxes[index])]
+    elif task == "multi_grounding":
+        categories = sorted(set(scene["categories"]))
+        category = rng.choice(categories)
+        indices = [i for i, c in enumerate(scene["categories"]) if c == category]
+        example.update(query=multi_grounding_prompt(category + "s"), answer=multi_grounding_answer(len(indices)))
+        example["ground_boxes"] = [list(boxes[i]) for i in indices]
+    elif task == "grounded_caption":
+        answer, ground_boxes = _grounded_answer(scene["grounded_caption"], boxes)
+        example.update(query=grounded_caption_prompt(), answer=answer, ground_boxes=ground_boxes)
+    else:
+        raise ValueError(f"Unknown Groma task {task!r}; choose one of {GROMA_TASKS}.")
+    return example
+
+
+class GromaTrainingDataset(torch.utils.data.Dataset):
+    """Groma training examples over a scene data set: sample i is task `tasks[i % len(tasks)]` of scene i.
+
+    Deterministic: the choice inside a task (which expression, which box) is seeded by `(seed, i)`. For the `det`
+    stage, pass `tasks=("detection",)`: examples are then `{"image", "detection_boxes"}` (pixel xyxy).
+    """
+
+    def __init__(self, scenes: Any, tasks: Sequence[str] = GROMA_TASKS, seed: int = 0) -> None:
+        if not tasks:
+            raise ValueError("`tasks` must name at least one task.")
+        unknown = set(tasks) - {*GROMA_TASKS, "detection"}
+        if unknown:
+            raise ValueError(f"`tasks` has unknown entries {sorted(unknown)}; use {(*GROMA_TASKS, 'detection')}.")
+        self.scenes = scenes
+        self.tasks = tuple(tasks)
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.scenes)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        scene = self.scenes[index]
+        task = self.tasks[index % len(self.tasks)]
+        if task == "detection":
+            return {"image": scene["image"], "detection_boxes": [list(b) for b in scene["boxes"]], "task": task}
+        return groma_examples_from_scene(scene, task, random.Random(self.seed * 1_000_003 + index))
+
+
+class GromaCollator:
+    """Batch Groma examples through the processor (mixed tasks: some samples with user boxes, some with targets).
+
+    Text examples -> `pixel_values, input_ids, attention_mask, labels, image_sizes` (+ `refer_boxes*` and
+    `ground_boxes*` when any sample has them). Detection examples -> `pixel_values` + `detection_targets`
+    (`[{"boxes": (n, 4) normalized cxcywh}]`). A batch must not mix the two kinds.
+    """
+
+    def __init__(self, processor: Any) -> None:
+        self.processor = processor
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        kinds = {"detection_boxes" in example for example in examples}
+        if len(kinds) != 1:
+            raise ValueError("A Groma batch mixes detection and text examples; keep the `det` stage separate.")
+        images = [example["image"].convert("RGB") for example in examples]
+        if kinds == {True}:
+            batch = self.processor.image_processor(images, return_tensors="pt")
+            targets = []
+            for example, image in zip(examples, images, strict=True):
+                width, height = image.size
+                boxes = torch.tensor(example["detection_boxes"], dtype=torch.float32).reshape(-1, 4)
+                boxes = boxes / torch.tensor([width, height, width, height], dtype=torch.float32)
+                cxcywh = torch.stack(
+                    [
+                        (boxes[:, 0] + boxes[:, 2]) / 2,
+                        (boxes[:, 1] + boxes[:, 3]) / 2,
+                        boxes[:, 2] - boxes[:, 0],
+                        boxes[:, 3] - boxes[:, 1],
+                    ],
+                    dim=-1,
+                )
+                targets.append({"boxes": cxcywh.clamp(0.0, 1.0)})
+            return {"pixel_values": batch["pixel_values"], "detection_targets": targets}
+        has_boxes = any(example["boxes"] for example in examples)
+        has_ground = any(example["ground_boxes"] for example in examples)
+        batch = self.processor(
+            images=images,
+            text=[example["query"] for example in examples],
+            answers=[example["answer"] for example in examples],
+            boxes=[example["boxes"] for example in examples] if has_boxes else None,
+            ground_boxes=[example["ground_boxes"] for example in examples] if has_ground else None,
+            return_tensors="pt",
+        )
+        return dict(batch)
+
+
+class GromaTrainer(RegionTrainer):
+    """`RegionTrainer` for Groma: freezes the model according to the paper stage it trains.
+
+    Args:
+        stage: `"det"`, `"align"` or `"instruct"` (see the module docstring). The stage's learning rate and weight
+            decay are the paper's; `hf-regionmm train groma --stage S` puts them into the `TrainingArguments`.
+        stages: the stage table (override to experiment).
+
+    `self.stage_parameter_counts` holds `{"trainable": n, "frozen": m}` after freezing.
+    """
+
+    def __init__(
+        self, *args: Any, stage: str = "instruct", stages: Sequence[TrainingStage] = GROMA_STAGES, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.stages = tuple(stages)
+        self.set_stage(stage)
+
+    def set_stage(self, name: str) -> None:
+        """Freeze/unfreeze for stage `name`; call before `train()` (the optimizer is built from trainable params)."""
+        self.stage = stage_by_name(self.stages, name)
+        self.stage_parameter_counts = apply_training_stage(self.model, self.stage)
