@@ -1,3 +1,6 @@
 """Registered systems: importing this package registers every system with the registry and the Auto classes."""
 
-from . import groma  # noqa: F401
+from . import (
+    groma,  # noqa: F401
+    ullava,  # noqa: F401
+)
