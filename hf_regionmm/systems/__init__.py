@@ -2,5 +2,6 @@
 
 from . import (
     groma,  # noqa: F401
+    tap,  # noqa: F401
     ullava,  # noqa: F401
 )
