@@ -5,6 +5,7 @@
     hf-regionmm eval SYSTEM CHECKPOINT     evaluate a checkpoint on held-out synthetic data (or real-format files)
     hf-regionmm convert SYSTEM SRC DST     convert an original release checkpoint to this library's layout
     hf-regionmm card SYSTEM CHECKPOINT     render the model card of a checkpoint folder (+ evaluation JSON)
+    hf-regionmm release SYSTEM CHECKPOINT REPO_ID   evaluate, fill the card, push weights + processor + card (+ code)
 
 `demo` is the embedded default job: it needs no argument, no network and no GPU, and writes everything (checkpoints
 with model cards, pictures, metrics JSON) under one folder that it names at the end.
@@ -153,6 +154,23 @@ def _cmd_card(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_release(args: argparse.Namespace) -> int:
+    from .hub.publish import release
+
+    commit = release(
+        args.system,
+        args.checkpoint,
+        args.repo_id,
+        with_code=args.with_code,
+        eval_json=args.eval_json,
+        eval_options={"num_samples": args.num_samples},
+        private=True if args.private else None,
+        commit_message=args.commit_message,
+    )
+    _progress(f"released {args.checkpoint} to {args.repo_id} in one commit: {commit.commit_url}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-regionmm", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -191,13 +209,28 @@ def build_parser() -> argparse.ArgumentParser:
     card.add_argument("--eval-json", help="JSON with metric name -> value (e.g. the output of `eval`)")
     card.add_argument("--model-id", help="repository id shown in the card (default: the folder name)")
     card.set_defaults(func=_cmd_card)
+
+    release = commands.add_parser(
+        "release", help="evaluate a checkpoint, fill its card and push it (+ remote code) to the Hub in one commit"
+    )
+    release.add_argument("system")
+    release.add_argument("checkpoint", help="folder written by save_pretrained (safetensors only)")
+    release.add_argument("repo_id", help="target repository, e.g. org/groma-tiny")
+    release.add_argument("--with-code", action="store_true", help="also publish the code (trust_remote_code=True)")
+    release.add_argument("--eval-json", help="metrics to publish instead of running the system's evaluation")
+    release.add_argument("--num-samples", type=int, default=64, help="evaluation samples when no --eval-json")
+    release.add_argument("--private", action="store_true", help="create the repository as private")
+    release.add_argument("--commit-message")
+    release.set_defaults(func=_cmd_release)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    # The Hub is unreachable on the machines this library is tested on; nothing here downloads anything.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = build_parser().parse_args(argv)
+    # The Hub is unreachable on the machines this library is tested on; nothing here downloads anything, except
+    # `release`, whose job is to push (it refuses when offline mode is on).
+    if args.command != "release":
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import hf_regionmm  # noqa: F401  (registers every system)
 
     try:
