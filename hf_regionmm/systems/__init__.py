@@ -2,6 +2,7 @@
 
 from . import (
     groma,  # noqa: F401
+    regionblip,  # noqa: F401
     tap,  # noqa: F401
     ullava,  # noqa: F401
 )
