@@ -39,6 +39,7 @@ from .box_position_embedding import BoxPositionEmbedding
 from .box_selection import select_boxes
 from .configuration_groma import GromaConfig
 from .detr_proposer import DetrProposer, DetrProposerOutput
+from .placeholder_tokens import suppress_placeholder_tokens
 from .region_pooling import MultiScaleRoIAlign
 from .token_merge import merge_tokens_2d
 
@@ -948,6 +949,18 @@ class GromaForConditionalGeneration(GromaPreTrainedModel, GenerationMixin):
         self.extra_lm_head = nn.Linear(hidden_size, config.num_new_tokens, bias=False)
         self.loss_type = "ForCausalLM"
         self.post_init()
+        suppress_placeholder_tokens(
+            self,
+            [
+                config.image_token_id,
+                config.region_token_id,
+                config.refer_box_token_id,
+                config.ground_box_token_id,
+                config.refer_feat_token_id,
+                config.new_token_id("[PAD]"),
+                config.new_token_id("<sep>"),
+            ],
+        )
 
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head

@@ -51,6 +51,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_tap import TAP_PAD_LABEL, TapChatConfig, TapConfig
 from .mask_losses import MaskLoss
+from .placeholder_tokens import suppress_placeholder_tokens
 
 __all__ = [
     "TapChatForConditionalGeneration",
@@ -1293,6 +1294,7 @@ class TapChatForConditionalGeneration(TapChatPreTrainedModel, GenerationMixin):
         bias = config.text_config.model_type == "phi"
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=bias)
         self.post_init()
+        suppress_placeholder_tokens(self, [config.image_token_id])
 
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head

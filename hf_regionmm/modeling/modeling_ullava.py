@@ -44,6 +44,7 @@ from transformers.utils import ModelOutput
 from .box_ops import generalized_box_iou, validate_boxes
 from .configuration_ullava import ULlavaConfig
 from .mask_losses import bce_mask_loss, dice_loss
+from .placeholder_tokens import suppress_placeholder_tokens
 
 __all__ = [
     "ULlavaCausalLMOutputWithPast",
@@ -528,6 +529,9 @@ class ULlavaForConditionalGeneration(ULlavaPreTrainedModel, GenerationMixin):
         self.loc_head = _location_head(config.loc_projector_dim, config.loc_head_hidden_sizes)
         self.loss_type = "ForCausalLM"
         self.post_init()
+        suppress_placeholder_tokens(
+            self, [config.image_patch_token_id, config.video_patch_token_id, config.new_token_id("[PAD]")]
+        )
 
     def get_input_embeddings(self) -> nn.Module:
         return self.model.get_input_embeddings()
