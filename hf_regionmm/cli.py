@@ -45,24 +45,29 @@ def _format_table(rows: list[tuple[str, str, str]]) -> str:
 
 
 def _generic_demo(spec: Any, output_dir: Path, progress) -> dict[str, float]:
-    """Fallback demo for a system without its own: a short run of its trainer recipe, first vs last loss."""
+    """Fallback demo for a system without its own: 30 steps of its trainer recipe, early vs late training loss."""
+    from transformers.trainer_callback import PrinterCallback
+
     from .hub.model_card import write_model_card
     from .trainers.tiny_training import build_tiny_trainer
 
     if spec.training is None:
         raise ValueError(f"System {spec.name!r} has neither a demo nor a training recipe.")
     trainer = build_tiny_trainer(spec, output_dir / "trainer", max_steps=30, logging_steps=1)
+    trainer.remove_callback(PrinterCallback)
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    window = max(1, len(losses) // 6)
+    metrics = {
+        "loss_first_steps": sum(losses[:window]) / window,
+        "loss_last_steps": sum(losses[-window:]) / window,
+    }
     checkpoint = output_dir / "checkpoint"
     trainer.model.save_pretrained(checkpoint)
     trainer.processing_class.save_pretrained(checkpoint)
-    metrics = {"first_loss": losses[0], "last_loss": losses[-1]}
     if spec.card_template:
-        write_model_card(
-            checkpoint, spec.card_template.removesuffix(".md"), model_id=f"{spec.name}-tiny-demo", eval_results=metrics
-        )
-    progress(f"{spec.name}: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+        write_model_card(checkpoint, spec.card_template, model_id=f"{spec.name}-tiny-demo", eval_results=metrics)
+    progress(f"{spec.name}: training loss {metrics['loss_first_steps']:.3f} -> {metrics['loss_last_steps']:.3f}")
     return metrics
 
 
