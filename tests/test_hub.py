@@ -4,7 +4,7 @@
 `HF_ENDPOINT`, `HF_TOKEN` and `HF_HUB_DISABLE_XET` when it is imported, so everything that talks to the server through
 transformers runs in fresh processes started with that environment. They are batched to keep the file fast: one
 process publishes every registered system (plain `push_to_hub`, `hf_regionmm.hub.publish`, remote code, a LoRA
-adapter, `hf-regionmm release`) and saves the outputs computed before the push; one fresh process loads everything
+adapter or the system's own per-modality adapters, `hf-regionmm release`) and saves the outputs computed before the push; one fresh process loads everything
 back with `hf_regionmm` installed; one loads the remote-code repositories where `hf_regionmm` cannot be imported.
 The parametrised tests below then check each system's part of those reports, so a new system is covered as soon as
 it is registered. The child functions (`_child_*`) run from their source in the subprocess; they import what they use.
@@ -65,6 +65,8 @@ def _takes_a_new_lora_on_its_llm(spec: SystemSpec) -> bool:
 
 
 ADAPTER_SYSTEMS = [spec for spec in SYSTEMS if _takes_a_new_lora_on_its_llm(spec)]
+# Systems with one LoRA adapter per modality of their own (RegionBLIP), published with `push_modality_adapters_to_hub`.
+MODALITY_ADAPTER_SYSTEMS = [spec for spec in SYSTEMS if hasattr(spec.main_model_class, "save_modality_adapter")]
 
 
 def _repos(name: str) -> dict[str, str]:
@@ -74,6 +76,7 @@ def _repos(name: str) -> dict[str, str]:
         "code": f"org/{name}-tiny-code",
         "interrupted": f"org/{name}-tiny-interrupted",
         "adapter": f"org/{name}-tiny-lora",
+        "modality_adapters": f"org/{name}-tiny-modality-lora",
         "release": f"org/{name}-release",
     }
 
@@ -216,6 +219,22 @@ def _child_publish(plan_path: str) -> None:
                 layout.update(adapted_layout)
                 publish.push_adapter_to_hub(model, repos["adapter"], base_model=repos["plain"])
 
+            # 6. The system's own per-modality LoRA: the example inputs are image-region ones, so perturbing that
+            #    modality's adapters changes the outputs; all modalities go to one repo on top of the plain one.
+            if job["modality_adapters"]:
+                generator = torch.Generator().manual_seed(1)
+                with torch.no_grad():
+                    for parameter_name, parameter in model.named_parameters():
+                        if ".lora_B.image_region." in parameter_name:
+                            parameter.copy_(0.3 * torch.randn(parameter.shape, generator=generator))
+                    adapted, adapted_layout = _flatten(model(**inputs), "modality_adapted")
+                reference.update(adapted)
+                layout.update(adapted_layout)
+                commit = publish.push_modality_adapters_to_hub(
+                    model, repos["modality_adapters"], base_model=repos["plain"]
+                )
+                entry["modality_adapters_commit"] = commit.oid
+
             save_file(reference, str(folder / "reference.safetensors"), metadata=layout)
         except Exception:  # noqa: BLE001  (reported per system; the other systems still run)
             entry["error"] = traceback.format_exc()
@@ -311,6 +330,32 @@ def _child_load_with_library(plan_path: str) -> None:
                 entry["adapter_loaded_on_base"] = _compare(model.eval(), inputs, reference, "adapted")
                 entry["adapter_changes_outputs"] = not torch.equal(
                     reference["adapted/logits"], reference["output/logits"]
+                )
+
+            # Per-modality adapters: every modality onto a fresh base, then only image_region at the pushed commit.
+            if job["modality_adapters"]:
+                from hf_regionmm.hub import publish
+
+                repo = repos["modality_adapters"]
+                entry["modality_adapter_files"] = sorted(api.list_repo_files(repo))
+                entry["modality_adapter_bases"] = {
+                    path: json.loads(Path(api.hf_hub_download(repo, path)).read_text())["base_model_name_or_path"]
+                    for path in entry["modality_adapter_files"]
+                    if path.endswith("adapter_config.json")
+                }
+                entry["modality_adapter_card"] = card_summary(repo)
+                base = spec.auto_model_class.from_pretrained(repos["plain"]).eval()
+                entry["modality_base"] = _compare(base, inputs, reference, "output")
+                entry["modalities_loaded"] = publish.load_modality_adapters_from_hub(base, repo)
+                entry["modality_adapters"] = _compare(base, inputs, reference, "modality_adapted")
+                entry["modality_adapters_revision"] = api.model_info(repo).sha
+                only_region = spec.auto_model_class.from_pretrained(repos["plain"]).eval()
+                entry["modalities_loaded_at_revision"] = publish.load_modality_adapters_from_hub(
+                    only_region, repo, ["image_region"], revision=entry["modality_adapters_revision"]
+                )
+                entry["modality_adapters_at_revision"] = _compare(only_region, inputs, reference, "modality_adapted")
+                entry["modality_adapters_change_outputs"] = not torch.equal(
+                    reference["modality_adapted/logits"], reference["output/logits"]
                 )
         except Exception:  # noqa: BLE001
             entry["error"] = traceback.format_exc()
@@ -465,6 +510,7 @@ def plan(workdir: Path) -> dict[str, Any]:
             "main_auto_class": spec.main_auto_class,
             "lora": spec in ADAPTER_SYSTEMS,
             "lora_targets": LORA_TARGETS,
+            "modality_adapters": spec in MODALITY_ADAPTER_SYSTEMS,
             "release_metrics": {"rec_acc@0.5": 0.625, "ar": 0.5},
         }
     return {"systems": systems}
@@ -711,6 +757,42 @@ def test_lora_adapter_pushes_as_peft_adapter_and_loads_on_the_base_repo(spec: Sy
     _all_equal(entry["adapter_loaded_on_base"])
 
 
+@pytest.mark.parametrize("spec", MODALITY_ADAPTER_SYSTEMS, ids=_ids(MODALITY_ADAPTER_SYSTEMS))
+def test_modality_adapters_push_in_one_commit_and_load_on_the_base_repo(
+    spec: SystemSpec, published, loaded, hub: LocalHub
+):
+    assert "regionblip" in _ids(MODALITY_ADAPTER_SYSTEMS)
+    commit = _entry(published, spec.name)["modality_adapters_commit"]
+    entry = _entry(loaded, spec.name)
+    repos = _repos(spec.name)
+    modalities = ["image", "image_region", "point_cloud", "point_cloud_region"]
+    adapter_files = [
+        f"{modality}/{part}/{name}"
+        for modality in modalities
+        for part in ("qformer", "language_model")
+        for name in ("adapter_config.json", "adapter_model.safetensors")
+    ]
+    assert sorted(entry["modality_adapter_files"]) == sorted([".gitattributes", "README.md", *adapter_files])
+    assert entry["modality_adapter_bases"] == {
+        path: repos["plain"] for path in adapter_files if path.endswith("adapter_config.json")
+    }
+    card = entry["modality_adapter_card"]
+    assert card["library_name"] == "peft" and "peft" in card["tags"] and spec.name in card["tags"]
+    assert repos["plain"] in card["text"] and "| `image_region` | `image_region/qformer/` |" in card["text"]
+    # One commit carries every modality, and it is the one the loader pinned.
+    commits = hub.commits(repos["modality_adapters"])
+    assert len(commits) == 2 and commits[1]["oid"] == commit == entry["modality_adapters_revision"]
+    assert commits[1]["files"] == sorted(entry["modality_adapter_files"])
+
+    # The plain base repo gives the unperturbed outputs; the adapters from the Hub give the perturbed ones exactly.
+    _all_equal(entry["modality_base"])
+    assert entry["modality_adapters_change_outputs"]
+    assert entry["modalities_loaded"] == modalities
+    _all_equal(entry["modality_adapters"])
+    assert entry["modalities_loaded_at_revision"] == ["image_region"]
+    _all_equal(entry["modality_adapters_at_revision"])
+
+
 @pytest.mark.parametrize("spec", SYSTEMS, ids=_ids(SYSTEMS))
 def test_release_command_publishes_evaluated_card_and_code_in_one_commit(
     spec: SystemSpec, published, loaded, hub: LocalHub
@@ -796,6 +878,59 @@ def test_adapter_and_system_errors_are_clear(tmp_path: Path):
         publish.save_pretrained(object(), None, tmp_path)
     with pytest.raises(ValueError, match="`repo_id` must be a repository id"):
         publish.push_to_hub(model, None, "")
+
+
+@pytest.mark.parametrize("spec", MODALITY_ADAPTER_SYSTEMS, ids=_ids(MODALITY_ADAPTER_SYSTEMS))
+def test_modality_adapters_round_trip_a_folder_and_refuse_bad_requests(spec: SystemSpec, tmp_path: Path):
+    trained, _ = _tiny(spec)
+    fresh, _ = _tiny(spec)
+    with torch.no_grad():
+        for name, parameter in trained.named_parameters():
+            if ".lora_" in name and ".point_cloud." in name:
+                parameter.add_(1.0)
+    folder = publish.save_modality_adapters(
+        trained, tmp_path / "adapters", base_model="org/base", modalities="point_cloud"
+    )
+    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()) == [
+        "README.md",
+        *(
+            f"point_cloud/{part}/{name}"
+            for part in ("language_model", "qformer")
+            for name in ("adapter_config.json", "adapter_model.safetensors")
+        ),
+    ]
+    config = json.loads((folder / "point_cloud" / "qformer" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "org/base" and config["peft_type"] == "LORA"
+    assert "base_model: org/base" in (folder / "README.md").read_text()
+
+    before = {name: value.clone() for name, value in fresh.state_dict().items()}
+    assert publish.load_modality_adapters_from_hub(fresh, folder) == ["point_cloud"]
+    point_cloud_lora = {n: p for n, p in trained.state_dict().items() if ".lora_" in n and ".point_cloud." in n}
+    assert point_cloud_lora
+    loaded = fresh.state_dict()
+    assert all(torch.equal(loaded[name], value) for name, value in point_cloud_lora.items())
+    # Exactly the point-cloud LoRA weights changed; every other weight of the base is as it was.
+    changed = {name for name, value in loaded.items() if not torch.equal(value, before[name])}
+    assert changed == set(point_cloud_lora)
+
+    with pytest.raises(ValueError, match=r"`modalities` \['image_region'\] are not among the modality adapters in"):
+        publish.load_modality_adapters_from_hub(fresh, folder, ["image_region"])
+    with pytest.raises(ValueError, match=r"`modalities` \['video'\] are not among the model's modality adapters"):
+        publish.push_modality_adapters_to_hub(trained, "org/x", base_model="org/base", modalities=["image", "video"])
+    with pytest.raises(ValueError, match="`modalities` is empty"):
+        publish.save_modality_adapters(trained, tmp_path / "none", base_model="org/base", modalities=[])
+    with pytest.raises(ValueError, match="`base_model` must be the repository id"):
+        publish.save_modality_adapters(trained, tmp_path / "none", base_model="")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no modality adapters"):
+        publish.load_modality_adapters_from_hub(fresh, tmp_path / "empty")
+
+    other = next(spec for spec in SYSTEMS if spec not in MODALITY_ADAPTER_SYSTEMS)
+    plain_model, _ = _tiny(other)
+    with pytest.raises(ValueError, match=r"`model` \(\w+\) has no modality adapters"):
+        publish.push_modality_adapters_to_hub(plain_model, "org/x", base_model="org/base")
+    with pytest.raises(TypeError, match="`model` must be a transformers PreTrainedModel"):
+        publish.load_modality_adapters_from_hub(object(), folder)
 
 
 @pytest.fixture

@@ -12,6 +12,9 @@ to publish a system properly:
   commit, so an interrupted upload leaves nothing half-published.
 - `save_adapter` / `push_adapter_to_hub` publish a LoRA fine-tune as a PEFT adapter whose
   `base_model_name_or_path` names the base repo, so `AutoModel*.from_pretrained(adapter_repo)` loads base + adapter.
+- `save_modality_adapters` / `push_modality_adapters_to_hub` / `load_modality_adapters_from_hub` do the same for
+  RegionBLIP's per-modality LoRA (one Q-Former + one LLM PEFT adapter per modality, `<modality>/qformer/`,
+  `<modality>/language_model/`), published in one commit on top of a base repo and loaded into a base model.
 - `release(system, checkpoint, repo_id)` is `hf-regionmm release`: evaluate, fill the card, push, refusing to publish
   when evaluation fails or the folder holds pickled weights.
 
@@ -47,11 +50,14 @@ __all__ = [
     "check_remote_code",
     "check_safetensors_only",
     "find_system",
+    "load_modality_adapters_from_hub",
     "push_adapter_to_hub",
+    "push_modality_adapters_to_hub",
     "push_to_hub",
     "push_to_hub_with_code",
     "release",
     "save_adapter",
+    "save_modality_adapters",
     "save_pretrained",
     "save_with_code",
 ]
@@ -540,6 +546,199 @@ def push_adapter_to_hub(
             revision=None,
             create_pr=False,
         )
+
+
+# ---- per-modality adapters (RegionBLIP) -------------------------------------------------------------------------
+
+# The two PEFT adapters `save_modality_adapter` writes per modality: one for the modality's Q-Former, one for the LLM.
+_MODALITY_ADAPTER_PARTS = ("qformer", "language_model")
+
+
+def _modality_adapter_names(model: Any) -> list[str]:
+    """The model's modality adapters in creation order (RegionBLIP: image, image_region, point_cloud, ...)."""
+    from peft.tuners.lora import LoraLayer
+
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"`model` must be a transformers PreTrainedModel, got {type(model).__name__}.")
+    if not callable(getattr(model, "save_modality_adapter", None)):
+        raise ValueError(
+            f"`model` ({type(model).__name__}) has no modality adapters: it lacks `save_modality_adapter` / "
+            "`load_modality_adapter`. Pass a RegionBLIP model; publish a single LoRA with `push_adapter_to_hub`."
+        )
+    names = dict.fromkeys(
+        name for module in model.modules() if isinstance(module, LoraLayer) for name in module.lora_A
+    )
+    if not names:
+        raise ValueError(f"`model` ({type(model).__name__}) has no modality adapters: it holds no LoRA layers.")
+    return list(names)
+
+
+def _chosen_modalities(modalities: Sequence[str] | str | None, available: Sequence[str], where: str) -> list[str]:
+    if modalities is None:
+        return list(available)
+    if isinstance(modalities, str):
+        modalities = [modalities]
+    chosen = list(dict.fromkeys(modalities))
+    if not chosen:
+        raise ValueError(f"`modalities` is empty; pass None for all of {list(available)} or some of them.")
+    unknown = [modality for modality in chosen if modality not in available]
+    if unknown:
+        raise ValueError(f"`modalities` {unknown} are not among the {where} {list(available)}; pass some of those.")
+    return chosen
+
+
+def _modality_adapter_card(spec: SystemSpec, model_id: str, base_model: str, modalities: Sequence[str]) -> ModelCard:
+    card_data = ModelCardData(
+        library_name="peft",
+        base_model=base_model,
+        tags=sorted({"hf_regionmm", "region-level", "lora", "peft", spec.name}),
+        pipeline_tag="image-text-to-text",
+    )
+    rows = "\n".join(
+        f"| `{modality}` | `{modality}/qformer/` | `{modality}/language_model/` |" for modality in modalities
+    )
+    return ModelCard(
+        f"---\n{card_data.to_yaml()}\n---\n\n# {model_id}: per-modality LoRA adapters for `{base_model}`\n\n"
+        f"{spec.name} keeps one LoRA adapter per modality in its Q-Former and in its LLM. Each folder below is a "
+        f"plain PEFT adapter (`adapter_config.json` + `adapter_model.safetensors`, `base_model_name_or_path` = "
+        f"`{base_model}`).\n\n| modality | Q-Former adapter | LLM adapter |\n|---|---|---|\n{rows}\n\n"
+        f"```python\nimport hf_regionmm\nfrom hf_regionmm.hub import publish\nfrom transformers import "
+        f'{spec.main_auto_class}\n\nmodel = {spec.main_auto_class}.from_pretrained("{base_model}")\n'
+        f'publish.load_modality_adapters_from_hub(model, "{model_id}")\n```\n'
+    )
+
+
+def save_modality_adapters(
+    model: PreTrainedModel,
+    directory: str | Path,
+    *,
+    base_model: str,
+    modalities: Sequence[str] | str | None = None,
+    model_id: str | None = None,
+) -> Path:
+    """Save a RegionBLIP model's per-modality LoRA adapters as PEFT adapter folders with a card.
+
+    Args:
+        model: a model with `save_modality_adapter(directory, modality)` (`RegionBlipForConditionalGeneration` or
+            `RegionBlipModel`).
+        directory: output folder; gets `<modality>/qformer/` and `<modality>/language_model/` (each
+            `adapter_config.json` + `adapter_model.safetensors`) per modality and a `README.md` (library_name peft).
+        base_model: repository id (or path) of the base checkpoint the adapters apply to; written to every
+            `adapter_config.json` as `base_model_name_or_path` and to the card's `base_model`.
+        modalities: which adapters (default: all of the model's, e.g. image, image_region, point_cloud,
+            point_cloud_region).
+        model_id: the adapters' repository id shown in the card (default: the folder name).
+
+    Returns the folder.
+    """
+    available = _modality_adapter_names(model)
+    chosen = _chosen_modalities(modalities, available, "model's modality adapters")
+    if not isinstance(base_model, str) or not base_model:
+        raise ValueError("`base_model` must be the repository id of the base checkpoint, e.g. 'org/regionblip-tiny'.")
+    spec = find_system(model)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model_id = model_id or directory.resolve().name
+    for modality in chosen:
+        model.save_modality_adapter(directory / modality, modality)
+        for part in _MODALITY_ADAPTER_PARTS:
+            # Rewritten on disk rather than on the live peft configs, which the model keeps using.
+            config_path = directory / modality / part / "adapter_config.json"
+            adapter_config = json.loads(config_path.read_text())
+            adapter_config["base_model_name_or_path"] = base_model
+            config_path.write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
+    check_safetensors_only(directory)
+    _modality_adapter_card(spec, model_id, base_model, chosen).save(directory / "README.md")
+    return directory
+
+
+def push_modality_adapters_to_hub(
+    model: PreTrainedModel,
+    repo_id: str,
+    *,
+    base_model: str,
+    modalities: Sequence[str] | str | None = None,
+    private: bool | None = None,
+    token: str | bool | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    commit_message: str | None = None,
+    commit_description: str | None = None,
+) -> CommitInfo:
+    """Publish a RegionBLIP model's per-modality LoRA adapters (see `save_modality_adapters`) in one commit.
+
+    The repository then holds `<modality>/qformer/` and `<modality>/language_model/` PEFT adapters on top of
+    `base_model` and a card. Like `push_to_hub`, a push replaces the adapter weights: `adapter_model.safetensors` files
+    of modalities this push does not carry are deleted in the same commit. Nothing is sent when the model has no
+    modality adapters or a requested modality is unknown (`ValueError`).
+    """
+    if not isinstance(repo_id, str) or not repo_id.strip("/"):
+        raise ValueError("`repo_id` must be a repository id such as 'org/regionblip-tiny-adapters'.")
+    chosen = _chosen_modalities(modalities, _modality_adapter_names(model), "model's modality adapters")
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    with tempfile.TemporaryDirectory(prefix="hf_regionmm_modality_adapters_") as tmp:
+        folder = save_modality_adapters(model, tmp, base_model=base_model, modalities=chosen, model_id=repo_id)
+        return _commit_folder(
+            api,
+            folder,
+            repo_id,
+            commit_message=commit_message or f"Publish {', '.join(chosen)} LoRA adapters for {base_model}",
+            commit_description=commit_description,
+            revision=revision,
+            create_pr=create_pr,
+        )
+
+
+def load_modality_adapters_from_hub(
+    model: PreTrainedModel,
+    repo_id: str | Path,
+    modalities: Sequence[str] | str | None = None,
+    revision: str | None = None,
+    *,
+    token: str | bool | None = None,
+) -> list[str]:
+    """Load per-modality LoRA adapters published by `push_modality_adapters_to_hub` into `model`, in place.
+
+    Args:
+        model: the base model (e.g. `AutoModelForImageTextToText.from_pretrained(base_repo)`), with
+            `load_modality_adapter`; its sizes must match the model the adapters were saved from.
+        repo_id: the adapters' repository id, or a local folder written by `save_modality_adapters`.
+        modalities: which adapters to load (default: every modality the repository holds). Only those are
+            downloaded.
+        revision: branch, tag or commit of the adapters' repository.
+
+    Returns the loaded modalities. Each replaces the LoRA weights of that modality's Q-Former and LLM adapters;
+    the active modality is left as it was.
+    """
+    available_in_model = _modality_adapter_names(model)
+    if modalities is not None:
+        _chosen_modalities(modalities, available_in_model, "model's modality adapters")
+    if isinstance(repo_id, Path) or Path(repo_id).is_dir():
+        folder = Path(repo_id)
+    else:
+        from huggingface_hub import snapshot_download
+
+        patterns = (
+            ["README.md", "*/*/adapter_config.json", "*/*/adapter_model.safetensors"]
+            if modalities is None
+            else [f"{modality}/*" for modality in ([modalities] if isinstance(modalities, str) else modalities)]
+        )
+        folder = Path(snapshot_download(repo_id, revision=revision, token=token, allow_patterns=patterns))
+    in_repo = [
+        modality
+        for modality in available_in_model
+        if all((folder / modality / part / "adapter_model.safetensors").is_file() for part in _MODALITY_ADAPTER_PARTS)
+    ]
+    if modalities is None and not in_repo:
+        raise ValueError(
+            f"`repo_id` {repo_id} holds no modality adapters (`<modality>/qformer/` + `<modality>/language_model/` "
+            f"for any of {available_in_model}); publish them with `push_modality_adapters_to_hub`."
+        )
+    chosen = _chosen_modalities(modalities, in_repo, f"modality adapters in {repo_id}")
+    for modality in chosen:
+        model.load_modality_adapter(folder / modality, modality)
+    return chosen
 
 
 # ---- release ----------------------------------------------------------------------------------------------------
