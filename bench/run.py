@@ -15,7 +15,7 @@ import torch
 
 from .harness import write_results
 
-MODULES = ["bench.blocks"]
+MODULES = ["bench.blocks", "bench.groma"]
 ROOT = Path(__file__).resolve().parents[1]
 
 

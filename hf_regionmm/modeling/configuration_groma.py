@@ -15,6 +15,7 @@ difference is a field, and two named bundles set them together (see `RELEASED_BE
 | `region_feature_strides` | `(14/8, 14/4, 14/2)`, half the true strides of the 4x/2x/1x maps | `None`: derived from the real map sizes |
 | `vision_pos_embed_interpolation` | `"legacy_scale_factor"`: transformers 4.32 DINOv2 bicubic resize with scale `(grid + 0.1) / 37` | `"size"`: transformers 5 resize to the target grid |
 | `proposer_config.num_feature_levels` | 1 | 4 |
+| `vision_feature_layer` | `-2`: image tokens from the second-to-last DINOv2 hidden state (`perceiver_cfg.vis_output_layer` of the released configs) | `-1`: the last hidden state |
 
 `GromaConfig.from_preset("groma-7b")` (what converted checkpoints use) picks the released bundle;
 `GromaConfig.from_preset("groma-7b", behaviour="paper")` the paper's; plain `GromaConfig()` is the paper bundle at
@@ -67,6 +68,7 @@ RELEASED_BEHAVIOUR: dict[str, Any] = {
     "region_feature_strides": (14 / 8, 14 / 4, 14 / 2),
     "vision_pos_embed_interpolation": "legacy_scale_factor",
     "proposer_num_feature_levels": 1,
+    "vision_feature_layer": -2,
 }
 PAPER_BEHAVIOUR: dict[str, Any] = {
     "proposer_feature_source": "multi_level",
@@ -74,6 +76,7 @@ PAPER_BEHAVIOUR: dict[str, Any] = {
     "region_feature_strides": None,
     "vision_pos_embed_interpolation": "size",
     "proposer_num_feature_levels": 4,
+    "vision_feature_layer": -1,
 }
 
 _DINOV2_LARGE = {
@@ -205,6 +208,8 @@ class GromaConfig(PreTrainedConfig):
 
     Image tokens:
         image_token_merge_order: channel order of the 2x2 token merge (`"column_major"`, released).
+        vision_feature_layer: index into the DINOv2 hidden states (embeddings output first, as transformers returns
+            them) whose patch tokens become the image tokens; see the module docstring.
         vision_pos_embed_interpolation: see the module docstring.
         proposer_feature_source: see the module docstring.
 
@@ -249,6 +254,7 @@ class GromaConfig(PreTrainedConfig):
     region_box_format: str = "xyxy"
     region_feature_strides: list[float | int] | tuple[float | int, ...] | None = None
     image_token_merge_order: str = "column_major"
+    vision_feature_layer: int = -1
     vision_pos_embed_interpolation: str = "size"
     proposer_feature_source: str = "multi_level"
     tie_word_embeddings: bool = False
@@ -428,6 +434,18 @@ class GromaConfig(PreTrainedConfig):
         ):
             if value not in allowed:
                 raise ValueError(f"`{name}` must be one of {allowed}; got {value!r}.")
+
+        num_hidden_states = self.vision_config.num_hidden_layers + 1  # transformers puts the embeddings first
+        layer = self.vision_feature_layer
+        if (
+            isinstance(layer, bool)
+            or not isinstance(layer, numbers.Integral)
+            or not -num_hidden_states <= layer < num_hidden_states
+        ):
+            raise ValueError(
+                f"`vision_feature_layer` must index the {num_hidden_states} DINOv2 hidden states (embeddings + "
+                f"{num_hidden_states - 1} layers), i.e. lie in [{-num_hidden_states}, {num_hidden_states - 1}]; got {layer!r}."
+            )
 
         if self.region_feature_strides is not None:
             if len(self.region_feature_strides) != self.region_encoder_num_levels or not all(

@@ -495,10 +495,13 @@ class GromaModel(GromaPreTrainedModel):
         )
 
     def project_image_tokens(self, vision_maps: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """Last-layer map `(B, C, grid, grid)` -> 2x2-merged, projected image tokens `(B, (grid/2)^2, hidden)`."""
-        last = vision_maps[-1]
-        tokens = last.flatten(2).transpose(1, 2)
-        merged = merge_tokens_2d(tokens, grid_size=tuple(last.shape[-2:]), order=self.config.image_token_merge_order)
+        """Map `config.vision_feature_layer` `(B, C, grid, grid)` -> 2x2-merged, projected image tokens
+        `(B, (grid/2)^2, hidden)`."""
+        feature_map = vision_maps[self.config.vision_feature_layer]
+        tokens = feature_map.flatten(2).transpose(1, 2)
+        merged = merge_tokens_2d(
+            tokens, grid_size=tuple(feature_map.shape[-2:]), order=self.config.image_token_merge_order
+        )
         return self.multi_modal_projector(merged)
 
     def get_image_features(self, pixel_values: torch.Tensor, **kwargs: Any) -> BaseModelOutputWithPooling:

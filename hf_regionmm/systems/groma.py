@@ -17,6 +17,7 @@ from transformers import PreTrainedModel
 
 from hf_regionmm.data.synthetic import generate_scenes, split_words, vocabulary_words
 from hf_regionmm.data.tiny_tokenizer import build_word_tokenizer
+from hf_regionmm.hub.convert_groma import convert_groma_checkpoint
 from hf_regionmm.modeling.configuration_detr_proposer import DetrProposerConfig
 from hf_regionmm.modeling.configuration_groma import GromaConfig, groma_special_tokens
 from hf_regionmm.modeling.modeling_groma import GromaForConditionalGeneration, GromaModel
@@ -236,6 +237,7 @@ GROMA_SYSTEM = register_system(
             default_stage="instruct",
         ),
         card_template="groma",
+        convert=convert_groma_checkpoint,
         # The image encoder is frozen in every Groma stage; the proposer learns only from `detection_targets`
         # (detection pretraining), which the chat example does not carry, since region selection is not differentiable.
         frozen_parameter_patterns=("model.vision_tower.", "model.proposer."),
