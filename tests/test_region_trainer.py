@@ -100,3 +100,22 @@ def test_training_stage_errors_name_the_problem():
         TrainingStage(name="empty", trainable=())
     with pytest.raises(ValueError, match="Unknown training stage 'x'"):
         stage_by_name([TrainingStage(name="det", trainable=("a",))], "x")
+
+
+def test_trainer_with_a_stage_table_freezes_at_construction_and_switches(tmp_path):
+    class _StagedTrainer(RegionTrainer):
+        stages = (
+            TrainingStage(name="head", trainable=("head.",)),
+            TrainingStage(name="all", trainable=("encoder.", "head.")),
+        )
+        default_stage = "head"
+
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, remove_unused_columns=False)
+    model = _TwoTermModel(_TwoTermConfig())
+    trainer = _StagedTrainer(model=model, args=args, train_dataset=_Rows())
+    assert trainer.stage.name == "head" and trainer.stage_parameter_counts == {"trainable": 2, "frozen": 4}
+    trainer.set_stage("all")
+    assert all(p.requires_grad for p in model.parameters())
+    assert _StagedTrainer(model=model, args=args, train_dataset=_Rows(), stage="all").stage.name == "all"
+    with pytest.raises(ValueError, match="defines no training stages"):
+        RegionTrainer(model=model, args=args, train_dataset=_Rows(), stage="head")

@@ -33,7 +33,7 @@ from ..processing.processing_groma import (
     region_caption_answer,
     region_caption_prompt,
 )
-from .region_trainer import RegionTrainer, TrainingStage, apply_training_stage, stage_by_name
+from .region_trainer import RegionTrainer, TrainingStage
 
 __all__ = [
     "GROMA_STAGES",
@@ -192,22 +192,11 @@ class GromaCollator:
 class GromaTrainer(RegionTrainer):
     """`RegionTrainer` for Groma: freezes the model according to the paper stage it trains.
 
-    Args:
-        stage: `"det"`, `"align"` or `"instruct"` (see the module docstring). The stage's learning rate and weight
-            decay are the paper's; `hf-regionmm train groma --stage S` puts them into the `TrainingArguments`.
-        stages: the stage table (override to experiment).
-
-    `self.stage_parameter_counts` holds `{"trainable": n, "frozen": m}` after freezing.
+    `stage=`: `"det"`, `"align"` or `"instruct"` (default; see the module docstring). The stage's learning rate and
+    weight decay are the paper's; `hf-regionmm train groma --stage S` puts them into the `TrainingArguments`.
+    `stages=` overrides the stage table (to experiment). `self.stage_parameter_counts` holds
+    `{"trainable": n, "frozen": m}` after freezing.
     """
 
-    def __init__(
-        self, *args: Any, stage: str = "instruct", stages: Sequence[TrainingStage] = GROMA_STAGES, **kwargs: Any
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        self.stages = tuple(stages)
-        self.set_stage(stage)
-
-    def set_stage(self, name: str) -> None:
-        """Freeze/unfreeze for stage `name`; call before `train()` (the optimizer is built from trainable params)."""
-        self.stage = stage_by_name(self.stages, name)
-        self.stage_parameter_counts = apply_training_stage(self.model, self.stage)
+    stages = GROMA_STAGES
+    default_stage = "instruct"

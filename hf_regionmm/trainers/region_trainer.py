@@ -109,12 +109,40 @@ class RegionTrainer(Trainer):
     per process), so the logged values match a one-process run at the same global batch. All processes must
     return the same term names for a given batch layout (return zeros for absent terms), since the cross-process mean
     is a collective call.
+
+    Paper stages: a subclass sets `stages` (its `TrainingStage` table) and `default_stage`; the trainer then freezes
+    the model for `stage=` (or the default) at construction, and `set_stage(name)` switches before `train()` (the
+    optimizer is built from the parameters that require gradients). `self.stage_parameter_counts` holds
+    `{"trainable": n, "frozen": m}`. Override `resolve_stage` to adapt a stage to the model (e.g. to name blocks
+    that depend on the config).
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    stages: tuple[TrainingStage, ...] = ()
+    default_stage: str | None = None
+
+    def __init__(
+        self, *args: Any, stage: str | None = None, stages: Sequence[TrainingStage] | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._loss_term_sums: dict[str, torch.Tensor] = {}
         self._loss_term_count = 0
+        if stages is not None:
+            self.stages = tuple(stages)
+        self.stage: TrainingStage | None = None
+        self.stage_parameter_counts: dict[str, int] | None = None
+        if self.stages:
+            self.set_stage(stage or self.default_stage or self.stages[-1].name)
+        elif stage is not None:
+            raise ValueError(f"{type(self).__name__} defines no training stages; got stage={stage!r}.")
+
+    def resolve_stage(self, name: str) -> TrainingStage:
+        """The `TrainingStage` called `name` (subclasses may adapt it to the model)."""
+        return stage_by_name(self.stages, name)
+
+    def set_stage(self, name: str) -> None:
+        """Freeze/unfreeze the model for stage `name`; call before `train()`."""
+        self.stage = self.resolve_stage(name)
+        self.stage_parameter_counts = apply_training_stage(self.model, self.stage)
 
     def compute_loss(
         self,

@@ -395,13 +395,8 @@ class TapChatCollator:
 class TapChatTrainer(RegionTrainer):
     """`RegionTrainer` for TAP-v2-Chat: freezes everything but the stage's parts (`"caption"` or `"instruct"`)."""
 
-    def __init__(
-        self, *args: Any, stage: str = "instruct", stages: Sequence[TrainingStage] = TAP_CHAT_STAGES, **kwargs: Any
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        self.stages = tuple(stages)
-        self.set_stage(stage)
+    stages = TAP_CHAT_STAGES
+    default_stage = "instruct"
 
-    def set_stage(self, name: str) -> None:
-        self.stage = _expand_vision_blocks(stage_by_name(self.stages, name), self.model)
-        self.stage_parameter_counts = apply_training_stage(self.model, self.stage)
+    def resolve_stage(self, name: str) -> TrainingStage:
+        return _expand_vision_blocks(stage_by_name(self.stages, name), self.model)

@@ -25,7 +25,7 @@ import torch
 
 from ..data.synthetic import decode_masks
 from ..processing.processing_ullava import LOC_TOKEN, SEG_TOKEN, video_caption_prompt
-from .region_trainer import RegionTrainer, TrainingStage, apply_training_stage, stage_by_name
+from .region_trainer import RegionTrainer, TrainingStage
 
 __all__ = [
     "ULLAVA_STAGES",
@@ -159,14 +159,5 @@ class ULlavaTrainer(RegionTrainer):
     `self.stage_parameter_counts` holds `{"trainable": n, "frozen": m}` after freezing.
     """
 
-    def __init__(
-        self, *args: Any, stage: str = "instruct", stages: Sequence[TrainingStage] = ULLAVA_STAGES, **kwargs: Any
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        self.stages = tuple(stages)
-        self.set_stage(stage)
-
-    def set_stage(self, name: str) -> None:
-        """Freeze/unfreeze for stage `name`; call before `train()` (the optimizer is built from trainable params)."""
-        self.stage = stage_by_name(self.stages, name)
-        self.stage_parameter_counts = apply_training_stage(self.model, self.stage)
+    stages = ULLAVA_STAGES
+    default_stage = "instruct"
