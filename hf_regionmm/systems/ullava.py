@@ -17,12 +17,14 @@ from transformers import PreTrainedModel, SamImageProcessor
 
 from hf_regionmm.data.synthetic import decode_masks, generate_scenes, generate_videos, split_words, vocabulary_words
 from hf_regionmm.data.tiny_tokenizer import build_word_tokenizer
+from hf_regionmm.evaluation.ullava_eval import evaluate_ullava_checkpoint
 from hf_regionmm.modeling.configuration_ullava import ULLAVA_NEW_TOKENS, ULlavaConfig
 from hf_regionmm.modeling.modeling_ullava import ULlavaForConditionalGeneration, ULlavaModel
 from hf_regionmm.processing import processing_ullava
 from hf_regionmm.processing.image_processing_ullava import ULlavaImageProcessor
 from hf_regionmm.processing.processing_ullava import ULlavaProcessor
 from hf_regionmm.registry import BadInputCase, SystemSpec, TrainingRecipe, register_system
+from hf_regionmm.systems.ullava_demo import ullava_demo
 from hf_regionmm.trainers.ullava import (
     _CAPTION_PROMPT,
     ULLAVA_STAGES,
@@ -244,6 +246,8 @@ ULLAVA_SYSTEM = register_system(
             default_stage="instruct",
         ),
         card_template="ullava",
+        demo=ullava_demo,
+        evaluate=evaluate_ullava_checkpoint,
         # CLIP and the SAM image encoder are frozen in both stages. The CLIP layers after `vision_feature_layer`, the
         # SAM prompt encoder's point/box/mask embeddings and the mask decoder's IoU head are unused by u-LLaVA
         # (a [SEG] prompt with single-mask output), so no gradient reaches them.
