@@ -9,7 +9,9 @@ with a word-level tokenizer over their vocabulary, so everything runs offline on
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,6 +19,7 @@ from transformers import PreTrainedModel
 
 from hf_regionmm.data.synthetic import generate_scenes, split_words, vocabulary_words
 from hf_regionmm.data.tiny_tokenizer import build_word_tokenizer
+from hf_regionmm.evaluation.groma_eval import evaluate_groma_checkpoint
 from hf_regionmm.hub.convert_groma import convert_groma_checkpoint
 from hf_regionmm.modeling.configuration_detr_proposer import DetrProposerConfig
 from hf_regionmm.modeling.configuration_groma import GromaConfig, groma_special_tokens
@@ -182,6 +185,14 @@ def build_training_dataset(
     return GromaTrainingDataset(scenes, tasks=tasks, seed=seed)
 
 
+def groma_demo_hook(output_dir: Path, progress: Callable[[str], None], **options: Any) -> dict[str, float]:
+    """`hf-regionmm demo` for Groma: see `hf_regionmm.systems.groma_demo.groma_demo` (imported on use, since that
+    module builds on this one)."""
+    from hf_regionmm.systems.groma_demo import groma_demo
+
+    return groma_demo(output_dir, progress, **options)
+
+
 def bad_inputs() -> list[BadInputCase]:
     """Calls that must fail with a clear ValueError naming the argument."""
     return [
@@ -237,6 +248,8 @@ GROMA_SYSTEM = register_system(
             default_stage="instruct",
         ),
         card_template="groma",
+        demo=groma_demo_hook,
+        evaluate=evaluate_groma_checkpoint,
         convert=convert_groma_checkpoint,
         # The image encoder is frozen in every Groma stage; the proposer learns only from `detection_targets`
         # (detection pretraining), which the chat example does not carry, since region selection is not differentiable.
