@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import transformers
@@ -159,6 +160,9 @@ def register_system(spec: SystemSpec) -> SystemSpec:
         AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
     for auto_name, model_class in spec.model_classes.items():
         getattr(transformers, auto_name).register(spec.config_class, model_class, exist_ok=True)
+        if spec.card_template and hasattr(model_class, "model_card_writer"):
+            # modeling/model_card_hook.py: plain save_pretrained / push_to_hub then write the system's card.
+            model_class.model_card_writer = staticmethod(_card_writer(spec.card_template, spec.name))
     if spec.image_processor_classes:
         AutoImageProcessor.register(
             spec.config_class, image_processor_classes=dict(spec.image_processor_classes), exist_ok=True
@@ -167,6 +171,16 @@ def register_system(spec: SystemSpec) -> SystemSpec:
         AutoProcessor.register(spec.config_class, spec.processor_class, exist_ok=True)
     _REGISTRY[spec.name] = spec
     return spec
+
+
+def _card_writer(card_template: str, system: str) -> Callable[[PreTrainedModel, Any, str | None], Any]:
+    def write(model: PreTrainedModel, directory: Any, model_id: str | None) -> Any:
+        from .hub.model_card import write_model_card  # the hub helpers import this module
+
+        template = card_template.removesuffix(".md")
+        return write_model_card(directory, template, model_id=model_id or Path(directory).name, tags=[system])
+
+    return write
 
 
 def registered_systems() -> list[SystemSpec]:

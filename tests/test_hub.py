@@ -655,8 +655,11 @@ def test_plain_push_to_hub_round_trip(spec: SystemSpec, published, loaded, hub: 
     assert entry["plain_classes"] == [spec.main_model_class.__name__, spec.processor_class.__name__]
     assert entry["plain_inputs_equal"] and all(entry["plain_inputs_equal"].values()), entry["plain_inputs_equal"]
     _all_equal(entry["plain"])
-    # transformers' own push writes its generic card; it is there and passes the Hub's metadata validation.
-    assert entry["plain_card"]["library_name"] == "transformers"
+    # A plain transformers push publishes the system's card (modeling/model_card_hook.py), not transformers' generic
+    # one, and the processor's push after it keeps that card; it passes the Hub's metadata validation.
+    card = entry["plain_card"]
+    assert card["library_name"] == "hf_regionmm" and spec.name in card["tags"]
+    assert f"org/{spec.name}-tiny" in card["text"] and "automatically generated" not in card["text"]
     files = hub.files(_repos(spec.name)["plain"])
     assert "README.md" in files and "model.safetensors" in files
     assert not [name for name in files if name.endswith((".bin", ".pt", ".pth", ".ckpt"))]

@@ -1,8 +1,8 @@
 """Publishing checkpoints to the Hugging Face Hub: weights, processor, model card and (opt-in) remote code in one commit.
 
-`model.save_pretrained` / `model.push_to_hub` stay plain transformers calls (they write config, safetensors and, for
-`push_to_hub`, transformers' generic card). The functions here are what this library adds on top, and what users call
-to publish a system properly:
+`model.save_pretrained` / `model.push_to_hub` are transformers' calls; through `modeling/model_card_hook.py` they write
+the system's card without results. The functions here are what this library adds on top, and what users call to
+publish a system properly (results in the card, processor, one commit, remote code, adapters):
 
 - `save_pretrained(model, processor, directory)` writes model + processor + the system's filled-in model card
   (`hub_cards/<system>.md`); `save_with_code` also ships the system's flat `modeling/` and `processing/` files with an
@@ -18,8 +18,8 @@ to publish a system properly:
 - `release(system, checkpoint, repo_id)` is `hf-regionmm release`: evaluate, fill the card, push, refusing to publish
   when evaluation fails or the folder holds pickled weights.
 
-Why functions and not a `save_pretrained` override: the model classes live in `modeling/`, which must import nothing
-from `hf_regionmm` (it ships as remote code), and an override there could not reach `hub_cards/`.
+Why functions and not more in a `save_pretrained` override: the model classes live in `modeling/`, which must import
+nothing from `hf_regionmm` (it ships as remote code); the hook there only calls the card writer the registry gives it.
 """
 
 from __future__ import annotations

@@ -39,6 +39,7 @@ from .box_position_embedding import BoxPositionEmbedding
 from .box_selection import select_boxes
 from .configuration_groma import GromaConfig
 from .detr_proposer import DetrProposer, DetrProposerOutput
+from .model_card_hook import ModelCardHookMixin
 from .placeholder_tokens import suppress_placeholder_tokens
 from .region_pooling import MultiScaleRoIAlign
 from .token_merge import merge_tokens_2d
@@ -349,7 +350,7 @@ class GromaRegionEncoder(nn.Module):
 # Pre-trained model
 
 
-class GromaPreTrainedModel(PreTrainedModel):
+class GromaPreTrainedModel(ModelCardHookMixin, PreTrainedModel):
     """Shared class attributes and weight init of the Groma models (region-encoder convs N(0, 0.01), new tokens at
     the mean LLM embedding, as released)."""
 

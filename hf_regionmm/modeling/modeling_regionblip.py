@@ -59,6 +59,7 @@ from transformers.utils import ModelOutput
 
 from .box_position_embedding import BoxPositionEmbedding
 from .configuration_regionblip import MODALITIES, POINT_CLOUD_MODALITIES, REGION_MODALITIES, RegionBlipConfig
+from .model_card_hook import ModelCardHookMixin
 from .placeholder_tokens import suppress_placeholder_tokens
 from .point_bert import PointBertModel
 
@@ -222,7 +223,7 @@ def _check_region_boxes(boxes: Any, name: str, width: int, batch_size: int, norm
 # Pre-trained model
 
 
-class RegionBlipPreTrainedModel(PreTrainedModel):
+class RegionBlipPreTrainedModel(ModelCardHookMixin, PreTrainedModel):
     """Shared class attributes and weight init (queries N(0, 0.02) as BLIP-2's, LoRA B at zero as peft's)."""
 
     config: RegionBlipConfig

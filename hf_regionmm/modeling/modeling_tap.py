@@ -51,6 +51,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_tap import TAP_PAD_LABEL, TapChatConfig, TapConfig
 from .mask_losses import MaskLoss
+from .model_card_hook import ModelCardHookMixin
 from .placeholder_tokens import suppress_placeholder_tokens
 
 __all__ = [
@@ -625,7 +626,7 @@ class TapTextDecoder(nn.Module):
 # Model
 
 
-class TapPreTrainedModel(PreTrainedModel):
+class TapPreTrainedModel(ModelCardHookMixin, PreTrainedModel):
     """Class attributes and weight init shared by the TAP models."""
 
     config: TapConfig
@@ -1169,7 +1170,7 @@ class TapChatProjector(nn.Module):
         return self.linear_2(self.activation(self.linear_1(merged)))
 
 
-class TapChatPreTrainedModel(PreTrainedModel):
+class TapChatPreTrainedModel(ModelCardHookMixin, PreTrainedModel):
     """Class attributes and weight init shared by the TAP-Chat models."""
 
     config: TapChatConfig

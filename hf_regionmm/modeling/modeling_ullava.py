@@ -44,6 +44,7 @@ from transformers.utils import ModelOutput
 from .box_ops import generalized_box_iou, validate_boxes
 from .configuration_ullava import ULlavaConfig
 from .mask_losses import bce_mask_loss, dice_loss
+from .model_card_hook import ModelCardHookMixin
 from .placeholder_tokens import suppress_placeholder_tokens
 
 __all__ = [
@@ -220,7 +221,7 @@ def _location_head(in_dim: int, hidden_sizes: tuple[int, ...]) -> nn.Sequential:
 # Pre-trained model
 
 
-class ULlavaPreTrainedModel(PreTrainedModel):
+class ULlavaPreTrainedModel(ModelCardHookMixin, PreTrainedModel):
     """Shared class attributes and weight init of the u-LLaVA models."""
 
     config: ULlavaConfig
