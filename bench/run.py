@@ -15,7 +15,7 @@ import torch
 
 from .harness import write_results
 
-MODULES = ["bench.blocks", "bench.groma"]
+MODULES = ["bench.blocks", "bench.groma", "bench.regionblip", "bench.tap"]
 ROOT = Path(__file__).resolve().parents[1]
 
 
