@@ -3,7 +3,8 @@
     hf-regionmm demo                       train every registered system's tiny model on synthetic data, report metrics
     hf-regionmm train SYSTEM --stage S     train a system (tiny config by default) on the synthetic set
     hf-regionmm eval SYSTEM CHECKPOINT     evaluate a checkpoint on held-out synthetic data (or real-format files)
-    hf-regionmm convert SYSTEM SRC DST     convert an original release checkpoint to this library's layout
+    hf-regionmm convert SYSTEM SRC DST [--option NAME=VALUE ...]
+                                           convert an original release checkpoint to this library's layout
     hf-regionmm card SYSTEM CHECKPOINT     render the model card of a checkpoint folder (+ evaluation JSON)
     hf-regionmm release SYSTEM CHECKPOINT REPO_ID   evaluate, fill the card, push weights + processor + card (+ code)
 
@@ -138,13 +139,33 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _converter_options(convert: Any, pairs: Sequence[str]) -> dict[str, str]:
+    """`--option NAME=VALUE` pairs as keyword arguments, checked against the converter's keyword-only parameters."""
+    import inspect
+
+    accepted = [
+        name
+        for name, parameter in inspect.signature(convert).parameters.items()
+        if parameter.kind is inspect.Parameter.KEYWORD_ONLY
+    ]
+    options: dict[str, str] = {}
+    for pair in pairs:
+        name, separator, value = pair.partition("=")
+        if not separator or not name:
+            raise ValueError(f"`--option` must look like NAME=VALUE (e.g. blip2=path/to/blip2); got {pair!r}.")
+        if name not in accepted:
+            raise ValueError(f"`--option {name}` is not an option of this converter; it takes {accepted}.")
+        options[name] = value
+    return options
+
+
 def _cmd_convert(args: argparse.Namespace) -> int:
     from .registry import get_system
 
     spec = get_system(args.system)
     if spec.convert is None:
         raise ValueError(f"System {spec.name!r} has no checkpoint converter yet.")
-    spec.convert(args.source, args.destination)
+    spec.convert(args.source, args.destination, **_converter_options(spec.convert, args.option or []))
     _progress(f"converted {args.source} -> {args.destination}")
     return 0
 
@@ -206,6 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("system")
     convert.add_argument("source")
     convert.add_argument("destination")
+    convert.add_argument(
+        "--option",
+        action="append",
+        metavar="NAME=VALUE",
+        help="a converter keyword argument, repeatable (e.g. --option blip2=path/to/blip2 --option model_type=vit-l)",
+    )
     convert.set_defaults(func=_cmd_convert)
 
     card = commands.add_parser("card", help="render the model card of a checkpoint folder")

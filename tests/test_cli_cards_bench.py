@@ -69,3 +69,18 @@ def test_bench_compare_measures_a_known_ratio(tmp_path: Path):
     assert "old" not in text and "| sleep | 2ms | 4ms |" in text and text.endswith("outro\n")
     assert json.loads((tmp_path / "out" / "results.json").read_text())["comparisons"][0]["name"] == "sleep"
     assert table in text
+
+
+def test_convert_options_are_checked_against_the_converter_signature():
+    def converter(source: str, destination: str, *, blip2: str | None = None, model_type: str | None = None) -> None:
+        raise AssertionError("not called")
+
+    assert cli._converter_options(converter, ["blip2=some/dir", "model_type=vit-l"]) == {
+        "blip2": "some/dir",
+        "model_type": "vit-l",
+    }
+    assert cli._converter_options(converter, []) == {}
+    with pytest.raises(ValueError, match=r"`--option colour` is not an option of this converter; it takes \['blip2'"):
+        cli._converter_options(converter, ["colour=red"])
+    with pytest.raises(ValueError, match="NAME=VALUE"):
+        cli._converter_options(converter, ["blip2"])
