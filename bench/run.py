@@ -15,7 +15,7 @@ import torch
 
 from .harness import write_results
 
-MODULES = ["bench.blocks", "bench.groma", "bench.regionblip", "bench.tap"]
+MODULES = ["bench.blocks", "bench.groma", "bench.regionblip", "bench.tap", "bench.ullava"]
 ROOT = Path(__file__).resolve().parents[1]
 
 
