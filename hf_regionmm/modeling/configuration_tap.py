@@ -319,6 +319,8 @@ _PHI_2: dict[str, Any] = {
     "eos_token_id": 50256,
     "tie_word_embeddings": False,
 }
+# Name of the attention output projection where it is not Llama's `o_proj`.
+_ATTENTION_OUTPUT_PROJECTIONS: dict[str, str] = {"phi": "dense"}
 _CHAT_PRESETS: dict[str, dict[str, Any]] = {
     "tap-chat-l": {
         "vision_config": _PRESETS["tap-vit-l"],
@@ -345,6 +347,9 @@ _CHAT_PRESETS: dict[str, dict[str, Any]] = {
         },
         "image_token_id": 127,
         "num_trainable_vision_blocks": 2,
+        "lora_rank": 4,
+        "lora_alpha": 8,
+        "lora_dropout": 0.0,
     },
 }
 
@@ -363,6 +368,14 @@ class TapChatConfig(PreTrainedConfig):
         projector_num_blocks: residual 3x3 conv blocks of the projector (3), last layer zero-initialized so the
             region-level features pass unchanged at the start of training.
         num_trainable_vision_blocks: the last k ViT blocks trained with the projector and the LLM (4 in the paper).
+        lora_rank, lora_alpha, lora_dropout: the LoRA the LLM is tuned with (section 3.2 "Training methods"). The
+            paper gives no sizes; the defaults (128, 256, 0.05) are the recipe of Bunny, whose Phi-2 LoRA rows
+            Table 3 compares with and whose Bunny-695K data the instruction stage uses.
+        lora_target_modules: LLM linear layers that get LoRA, by module name; None = the attention projections
+            (`q_proj`, `k_proj`, `v_proj` and the output projection: `dense` for Phi, `o_proj` otherwise).
+
+    LoRA is opt-in: `TapChatForConditionalGeneration.add_language_model_lora()` (or the trainers' `use_lora=True`)
+    adds it; the fields only size it.
 
     Derived: `num_image_tokens = (grid / 2) ** 2` (1024 at 1024 pixels): the projector merges 2x2 neighbouring
     patch tokens.
@@ -379,14 +392,34 @@ class TapChatConfig(PreTrainedConfig):
     image_token_id: int = 50295
     projector_num_blocks: int = 3
     num_trainable_vision_blocks: int = 4
+    lora_rank: int = 128
+    lora_alpha: int | float = 256
+    lora_dropout: float | int = 0.05
+    lora_target_modules: list[str] | None = None
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        for name in ("projector_num_blocks", "num_trainable_vision_blocks"):
+        for name in ("projector_num_blocks", "num_trainable_vision_blocks", "lora_rank"):
             value = getattr(self, name)
             if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"`{name}` must be an integer >= 1; got {value!r}.")
+        if isinstance(self.lora_alpha, bool) or not self.lora_alpha > 0:
+            raise ValueError(f"`lora_alpha` must be > 0; got {self.lora_alpha!r} (Bunny's recipe: 256).")
+        if isinstance(self.lora_dropout, bool) or not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"`lora_dropout` must be in [0, 1); got {self.lora_dropout!r}.")
+        if self.lora_target_modules is not None:
+            targets = self.lora_target_modules
+            if (
+                isinstance(targets, str)
+                or not targets
+                or not all(isinstance(t, str) and t.isidentifier() for t in targets)
+            ):
+                raise ValueError(
+                    f"`lora_target_modules` must be a non-empty list of LLM module names such as ['q_proj', "
+                    f"'v_proj'], or None for the attention projections; got {targets!r}."
+                )
+            self.lora_target_modules = list(targets)
         if self.num_trainable_vision_blocks > self.vision_config.vision_num_hidden_layers:
             raise ValueError(
                 f"`num_trainable_vision_blocks` ({self.num_trainable_vision_blocks}) exceeds the ViT depth "
@@ -416,3 +449,11 @@ class TapChatConfig(PreTrainedConfig):
     @property
     def num_image_tokens(self) -> int:
         return (self.vision_config.vision_grid_size // 2) ** 2
+
+    @property
+    def language_lora_target_modules(self) -> tuple[str, ...]:
+        """LLM module names that get LoRA: `lora_target_modules`, or the attention projections of the LLM."""
+        if self.lora_target_modules is not None:
+            return tuple(self.lora_target_modules)
+        output_projection = _ATTENTION_OUTPUT_PROJECTIONS.get(self.text_config.model_type, "o_proj")
+        return ("q_proj", "k_proj", "v_proj", output_projection)

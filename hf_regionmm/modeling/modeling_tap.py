@@ -27,6 +27,9 @@ Data flow, in the order of this file:
 7. TAP-v2-Chat (section 3.2, Figure 6; end of the file): the same image encoder without its neck, a projector of
    residual 3x3 conv blocks (zero-initialized last layer), a 2x2 token merge and a two-layer MLP, and an LLM
    (Phi-2) whose `<image>` slots receive the `(grid / 2)^2` visual tokens (`TapChatForConditionalGeneration`).
+   The LLM is tuned with LoRA (section 3.2 "Training methods"): `add_language_model_lora` adds a peft adapter on
+   its attention projections that also carries the projector and the last k ViT blocks, so one PEFT adapter folder
+   holds everything a TAP-Chat stage trains; `merge_language_model_lora` folds it back into plain weights.
 
 Coordinates: prompts are absolute pixel `(x, y)` in the resized and padded `image_size x image_size` model frame
 (the processor maps original-image pixels into it); masks are logits in the same frame at `mask_size` resolution.
@@ -38,6 +41,9 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+from peft import LoraConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import ModulesToSaveWrapper
 from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -1238,6 +1244,8 @@ class TapChatModel(TapChatPreTrainedModel):
         past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        original_sizes: torch.Tensor | None = None,
+        reshaped_input_sizes: torch.Tensor | None = None,
         **kwargs,
     ) -> TapChatModelOutputWithPast:
         """
@@ -1245,6 +1253,8 @@ class TapChatModel(TapChatPreTrainedModel):
             input_ids: `(B, L)` with `num_image_tokens` `<image>` ids per image (the processor expands them).
             pixel_values: `(B, 3, S, S)` one image per sample, or None after the prefill step of generation.
             attention_mask, position_ids, past_key_values, inputs_embeds, use_cache: as for the LLM.
+            original_sizes, reshaped_input_sizes: processor bookkeeping, ignored (trl's fused LM head calls this
+                model directly with the whole processor batch).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
@@ -1302,6 +1312,91 @@ class TapChatForConditionalGeneration(TapChatPreTrainedModel, GenerationMixin):
 
     def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
         return self.model.get_image_features(pixel_values, **kwargs)
+
+    # ---- LoRA (section 3.2 "Training methods": the LLM is tuned with LoRA, the last k ViT blocks and the projector
+    # ---- fully) ------------------------------------------------------------------------------------------------
+
+    def trained_module_names(self) -> list[str]:
+        """Names of the modules every TAP-Chat stage trains besides the LLM: the projector and the last
+        `num_trainable_vision_blocks` ViT blocks (`model.vision_tower.layers.{i}`)."""
+        depth = self.config.vision_config.vision_num_hidden_layers
+        first = depth - self.config.num_trainable_vision_blocks
+        return ["model.multi_modal_projector", *(f"model.vision_tower.layers.{i}" for i in range(first, depth))]
+
+    def language_model_lora_config(self) -> LoraConfig:
+        """The peft `LoraConfig` of TAP-Chat: LoRA (`config.lora_rank`, `lora_alpha`, `lora_dropout`) on the LLM
+        modules `config.language_lora_target_modules` (the attention projections by default), and the projector plus
+        the last k ViT blocks as `modules_to_save`, so the adapter also holds their trained copies."""
+        targets = "|".join(self.config.language_lora_target_modules)
+        return LoraConfig(
+            r=self.config.lora_rank,
+            lora_alpha=self.config.lora_alpha,
+            lora_dropout=self.config.lora_dropout,
+            # A regex on full module names keeps LoRA inside the LLM (the ViT has `proj`/`fc1` layers too).
+            target_modules=rf"model\.language_model\..*\.({targets})",
+            modules_to_save=self.trained_module_names(),
+        )
+
+    def add_language_model_lora(self, lora_config: LoraConfig | None = None, adapter_name: str = "default") -> None:
+        """Add a LoRA adapter to the LLM (transformers' PEFT integration, `self.add_adapter`) and activate it.
+
+        Args:
+            lora_config: defaults to `language_model_lora_config()`. A custom config should keep the projector and the
+                last ViT blocks in `modules_to_save`, or the adapter would not hold what the stage trains (the
+                trainers check this).
+            adapter_name: peft adapter name.
+
+        Every base weight keeps its value; LoRA B starts at zero, so the outputs are unchanged until training. Save the
+        adapter with `hf_regionmm.hub.publish.save_adapter` (or `save_pretrained`, which then writes only the
+        adapter) and load it onto the base checkpoint with `load_adapter` or `AutoModelForImageTextToText`.
+        """
+        if lora_config is None:
+            lora_config = self.language_model_lora_config()
+        if not isinstance(lora_config, LoraConfig):
+            raise TypeError(f"`lora_config` must be a peft LoraConfig; got {type(lora_config).__name__}.")
+        if getattr(self, "_hf_peft_config_loaded", False) and adapter_name in self.peft_config:
+            raise ValueError(
+                f"The model already has an adapter {adapter_name!r}; pass another `adapter_name` or merge it first "
+                "(`merge_language_model_lora()`)."
+            )
+        self.add_adapter(lora_config, adapter_name=adapter_name)
+
+    def has_language_model_lora(self) -> bool:
+        """Whether LoRA layers sit inside the LLM (unmerged)."""
+        return any(isinstance(module, BaseTunerLayer) for module in self.model.language_model.modules())
+
+    def merge_language_model_lora(self) -> None:
+        """Fold the active adapter into plain weights: LoRA deltas are added to the LLM's linear layers and every
+        `modules_to_save` module is replaced by its trained copy; the adapters are removed, so `save_pretrained` writes
+        a full checkpoint with the same outputs."""
+        if not getattr(self, "_hf_peft_config_loaded", False):
+            raise ValueError("The model has no adapter to merge; add one with `add_language_model_lora()`.")
+        if len(self.active_adapters()) != 1:
+            raise ValueError(
+                f"Merge one adapter at a time; active adapters: {self.active_adapters()}. Choose with `set_adapter`."
+            )
+        wrapped = [
+            name for name, module in self.named_modules() if isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper))
+        ]
+        replaced: list[str] = []
+        for name in wrapped:
+            if any(name.startswith(prefix + ".") for prefix in replaced):
+                continue  # inside a module already swapped for its merged copy
+            replaced.append(name)
+            parent_name, _, child_name = name.rpartition(".")
+            module = self.get_submodule(name)
+            if isinstance(module, ModulesToSaveWrapper):
+                merged = module.unload_and_optionally_merge_module(merge=True, safe_merge=False, adapter_names=None)
+            else:
+                module.merge()
+                merged = module.get_base_layer()
+            setattr(self.get_submodule(parent_name), child_name, merged)
+        del self.peft_config
+        self._hf_peft_config_loaded = False
+        # `load_adapter` leaves its key renamings (`base_model.model.` prefix, `lora_*.<adapter>`) in
+        # `_weight_conversions`, which `save_pretrained` reverts on the merged, adapter-free weights; TAP-Chat has no
+        # conversions of its own, so drop them.
+        self._weight_conversions = None
 
     def forward(
         self,

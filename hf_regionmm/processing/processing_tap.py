@@ -16,6 +16,7 @@ The prompts of an image are ordered points, then boxes, then sketches; training 
 
 from __future__ import annotations
 
+import json
 import numbers
 from typing import Any
 
@@ -26,7 +27,7 @@ from transformers.processing_utils import ProcessorMixin
 
 from .region_inputs import validate_image_sizes, validate_pixel_boxes, validate_points
 
-__all__ = ["TapChatProcessor", "TapProcessor", "TAP_PAD_LABEL", "caption_prompt", "chat_prompt"]
+__all__ = ["TAP_CHAT_TEMPLATE", "TapChatProcessor", "TapProcessor", "TAP_PAD_LABEL", "caption_prompt", "chat_prompt"]
 
 # TAP's padding label (the model's `TAP_POINT_LABELS["pad"]`; `processing/` may not import `modeling/`).
 TAP_PAD_LABEL = 4
@@ -328,11 +329,15 @@ class TapProcessor(ProcessorMixin):
 # TAP-v2-Chat (section 3.2 / 3.3 "Instruction following")
 
 IMAGE_TOKEN = "<image>"
+IGNORE_INDEX = -100
 
 
 def chat_prompt(question: str, history: Any = ()) -> str:
     """The USER / ASSISTANT conversation of section 3.3, image first: `"USER: <image>\\n{q1} ASSISTANT: {a1}
-    USER: {q2} ASSISTANT:"` for `history = [(q1, a1)]` and `question = q2`."""
+    USER: {q2} ASSISTANT:"` for `history = [(q1, a1)]` and `question = q2`.
+
+    Equals `TapChatProcessor.apply_chat_template(messages, add_generation_prompt=True)` for the same conversation
+    with a `{"type": "image"}` entry in the first user message (`TAP_CHAT_TEMPLATE`)."""
     turns = list(history) + [(question, None)]
     parts = []
     for index, (user, assistant) in enumerate(turns):
@@ -348,6 +353,78 @@ def caption_prompt() -> str:
     return IMAGE_TOKEN
 
 
+def _jinja_literal(text: str) -> str:
+    return json.dumps(text)
+
+
+def _jinja_error(message: str) -> str:
+    return "{{ raise_exception(" + _jinja_literal(f"TAP-Chat: {message}") + ") }}"
+
+
+# `chat_prompt` / `caption_prompt` as a chat template. A user turn already ends with the `ASSISTANT:` cue (as in
+# `chat_prompt`), so `add_generation_prompt` adds nothing. A first user message holding only the image is the
+# caption pre-training prompt (`<image>` alone). Earlier answers carry no EOS (as in `chat_prompt`'s history); the
+# final answer of a conversation ends with EOS, as the processor's `answers=` labels do, so a rendered training
+# conversation tokenizes exactly as `processor(text=chat_prompt(q, history), answers=a)`. `{% generation %}` marks
+# the answers for `return_assistant_tokens_mask` (trl's `assistant_only_loss`).
+TAP_CHAT_TEMPLATE = (
+    "{%- set ns = namespace(started=false, caption=false, expect='user') -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string -%}"
+    "{%- set text = message['content'] -%}{%- set n_images = 0 -%}"
+    "{%- else -%}"
+    "{%- set text = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ') -%}"
+    "{%- set n_images = message['content'] | selectattr('type', 'equalto', 'image') | list | length -%}"
+    "{%- endif -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{%- if ns.expect != 'user' -%}"
+    + _jinja_error("messages must alternate user / assistant, starting with the user.")
+    + "{%- endif -%}"
+    "{%- if not ns.started -%}"
+    "{%- if n_images != 1 -%}"
+    + _jinja_error('the first user message must hold exactly one {"type": "image"} entry.')
+    + "{%- endif -%}"
+    "{%- if text | trim == '' -%}"
+    "{{- " + _jinja_literal(IMAGE_TOKEN) + " -}}{%- set ns.caption = true -%}"
+    "{%- else -%}"
+    "{{- " + _jinja_literal(f"USER: {IMAGE_TOKEN}\n") + " + text + ' ASSISTANT:' -}}"
+    "{%- endif -%}"
+    "{%- set ns.started = true -%}"
+    "{%- else -%}"
+    "{%- if n_images > 0 -%}"
+    + _jinja_error("one image per conversation, in the first user message.")
+    + "{%- endif -%}"
+    "{%- if ns.caption -%}"
+    + _jinja_error("a caption conversation (a first user message with the image and no text) has one turn.")
+    + "{%- endif -%}"
+    "{%- if text | trim == '' -%}" + _jinja_error("every user message after the first needs text.") + "{%- endif -%}"
+    "{{- ' USER: ' + text + ' ASSISTANT:' -}}"
+    "{%- endif -%}"
+    "{%- set ns.expect = 'assistant' -%}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{%- if ns.expect != 'assistant' -%}"
+    + _jinja_error("messages must alternate user / assistant, starting with the user.")
+    + "{%- endif -%}"
+    "{{- ' ' -}}{% generation %}{{- text -}}{%- if loop.last -%}{{- eos_token -}}{%- endif -%}{% endgeneration %}"
+    "{%- set ns.expect = 'user' -%}"
+    "{%- else -%}"
+    + _jinja_error("unknown role; use user and assistant (the conversation format has no system prompt).")
+    + "{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+# Tokenizer options `__call__` accepts (trl's collators and `apply_chat_template` pass them); the rest go to the image
+# processor.
+_TEXT_KWARGS = ("padding", "truncation", "max_length", "pad_to_multiple_of", "add_special_tokens")
+# `text_replacement_offsets` come with `return_offsets_mapping`, which `apply_chat_template` sets along with this flag.
+_IGNORED_TEXT_KWARGS = (
+    "return_attention_mask",
+    "return_token_type_ids",
+    "return_mm_token_type_ids",
+    "return_text_replacement_offsets",
+)
+
+
 class TapChatProcessor(ProcessorMixin):
     r"""TAP-v2-Chat processor: a [`TapImageProcessor`] plus the LLM tokenizer with `<image>` added.
 
@@ -355,17 +432,32 @@ class TapChatProcessor(ProcessorMixin):
         image_processor: `TapImageProcessor` (longest side to the model's `image_size`, padded).
         tokenizer: the LLM tokenizer (Phi-2 in the paper); must know `<image>` as one token.
         num_image_tokens: `<image>` slots per image, the model's `num_image_tokens` (`(grid / 2) ** 2`).
+        chat_template: Jinja template for `apply_chat_template`; defaults to `TAP_CHAT_TEMPLATE` (`chat_prompt`'s
+            format). Saved as `chat_template.jinja`.
 
     `__call__(images, text, answers=None)`: one image and one prompt per sample, the prompt holding `<image>` once
-    (`chat_prompt(question)` or `caption_prompt()`); returns `pixel_values`, `original_sizes`, `reshaped_input_sizes`,
-    `input_ids`, `attention_mask` and, with `answers`, `labels` (-100 on the prompt and padding; the answer and its
-    EOS are supervised).
+    (`chat_prompt(question)`, `caption_prompt()` or a conversation rendered by `apply_chat_template`); returns
+    `pixel_values` `(B, 3, S, S)`, `original_sizes` / `reshaped_input_sizes` `(B, 2)`, `input_ids` and
+    `attention_mask` `(B, L)` int64 and, with `answers`, `labels` `(B, L)` (-100 on the prompt and padding; the answer
+    and its EOS are supervised).
+
+    Chat: `processor.apply_chat_template(messages, add_generation_prompt=True) == chat_prompt(question, history)`,
+    and `apply_chat_template(..., tokenize=True, return_dict=True, return_assistant_tokens_mask=True)` marks every
+    assistant answer, which is how `trl.SFTTrainer(..., args=SFTConfig(assistant_only_loss=True))` masks the loss to
+    the answers on a data set of `messages` + `images`.
     """
 
     chat_prompt = staticmethod(chat_prompt)
     caption_prompt = staticmethod(caption_prompt)
 
-    def __init__(self, image_processor: Any = None, tokenizer: Any = None, num_image_tokens: int = 1024, **kwargs):
+    def __init__(
+        self,
+        image_processor: Any = None,
+        tokenizer: Any = None,
+        num_image_tokens: int = 1024,
+        chat_template: str | None = None,
+        **kwargs,
+    ):
         if image_processor is None or tokenizer is None:
             raise ValueError("`image_processor` (TapImageProcessor) and `tokenizer` (with `<image>`) are required.")
         if not isinstance(num_image_tokens, int) or isinstance(num_image_tokens, bool) or num_image_tokens < 1:
@@ -378,7 +470,7 @@ class TapChatProcessor(ProcessorMixin):
         self.num_image_tokens = num_image_tokens
         self.image_token = IMAGE_TOKEN
         self.image_token_id = image_token_id
-        super().__init__(image_processor, tokenizer)
+        super().__init__(image_processor, tokenizer, chat_template=chat_template or TAP_CHAT_TEMPLATE)
 
     @property
     def model_input_names(self) -> list[str]:
@@ -391,16 +483,43 @@ class TapChatProcessor(ProcessorMixin):
         answers: Any = None,
         padding_side: str | None = None,
         return_tensors: str | None = "pt",
+        videos: Any = None,
+        audio: Any = None,
+        return_offsets_mapping: bool = False,
         **kwargs,
     ) -> BatchFeature:
+        """Prepare images and prompts (and optional answers) for `TapChatForConditionalGeneration`.
+
+        Args:
+            images: one image per prompt (PIL / array / tensor), as a list or a list of one-image lists (the layout
+                `apply_chat_template` and trl's collators pass).
+            text: a prompt or a list of prompts, each holding `<image>` exactly once.
+            answers: one answer per prompt for training, appended after the prompt with EOS and supervised in
+                `labels`.
+            padding_side: `"right"` (training) or `"left"` (batched generation); default: the tokenizer's.
+            return_tensors: `"pt"` or None (None keeps unequal-length rows as lists when `padding=False`).
+            return_offsets_mapping: also return `offset_mapping` `(B, L, 2)` (character spans in the text with
+                `<image>` expanded) and `text_replacement_offsets` (where `<image>` was expanded), which
+                `apply_chat_template(..., return_assistant_tokens_mask=True)` uses to align the answer masks.
+            **kwargs: tokenizer options `padding` (True / "longest", "max_length", False), `truncation`,
+                `max_length`, `pad_to_multiple_of`, `add_special_tokens` (default True: the tokenizer's BOS); any
+                other keyword goes to the image processor.
+        """
+        if videos is not None or audio is not None:
+            raise ValueError("TAP-Chat takes images and text only; got `videos` or `audio`.")
         if return_tensors not in ("pt", None):
-            raise ValueError(f"`return_tensors` must be 'pt'; got {return_tensors!r}.")
+            raise ValueError(f"`return_tensors` must be 'pt' or None; got {return_tensors!r}.")
+        text_options = {name: kwargs.pop(name) for name in _TEXT_KWARGS if name in kwargs}
+        for name in _IGNORED_TEXT_KWARGS:
+            kwargs.pop(name, None)
+        if kwargs.pop("sanitize_control_tokens", False):
+            raise ValueError("`sanitize_control_tokens` is not supported by TapChatProcessor; pass plain messages.")
         texts = [text] if isinstance(text, str) else text
         if not isinstance(texts, (list, tuple)) or not texts or not all(isinstance(t, str) for t in texts):
             raise TypeError("`text` must be a prompt string or a list of them (one per image).")
         if images is None:
             raise ValueError("`images` is required: every TAP-Chat prompt talks about one image.")
-        image_inputs = self.image_processor(images, return_tensors="pt", **kwargs)
+        image_inputs = self.image_processor(self._one_image_per_sample(images), return_tensors="pt", **kwargs)
         if image_inputs["pixel_values"].shape[0] != len(texts):
             raise ValueError(
                 f"Got {image_inputs['pixel_values'].shape[0]} images for {len(texts)} prompts; give one image per prompt."
@@ -415,35 +534,143 @@ class TapChatProcessor(ProcessorMixin):
             answers = [answers] if isinstance(answers, str) else list(answers)
             if len(answers) != len(texts) or not all(isinstance(a, str) for a in answers):
                 raise ValueError(f"`answers` must hold one string per prompt ({len(texts)}).")
-        tokenizer = self.tokenizer
-        rows, label_rows = [], []
-        for index, prompt in enumerate(texts):
-            expanded = prompt.replace(IMAGE_TOKEN, IMAGE_TOKEN * self.num_image_tokens)
-            prompt_ids = tokenizer(expanded, add_special_tokens=True)["input_ids"]
-            answer_ids = []
-            if answers is not None:
-                answer_ids = [
-                    *tokenizer(" " + answers[index], add_special_tokens=False)["input_ids"],
-                    tokenizer.eos_token_id,
-                ]
-            rows.append(prompt_ids + answer_ids)
-            label_rows.append([-100] * len(prompt_ids) + answer_ids)
-        side = padding_side or tokenizer.padding_side
+        side = padding_side or self.tokenizer.padding_side
         if side not in ("left", "right"):
             raise ValueError(f"`padding_side` must be 'left' or 'right'; got {side!r}.")
-        length = max(len(row) for row in rows)
-        input_ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-        labels = torch.full((len(rows), length), -100, dtype=torch.long)
-        for index, (row, label_row) in enumerate(zip(rows, label_rows)):
-            span = slice(length - len(row), length) if side == "left" else slice(0, len(row))
-            input_ids[index, span] = torch.tensor(row)
-            attention_mask[index, span] = 1
-            labels[index, span] = torch.tensor(label_row)
-        data = {**dict(image_inputs), "input_ids": input_ids, "attention_mask": attention_mask}
-        if answers is not None:
-            data["labels"] = labels
+
+        rows, replacements = [], []
+        for index, prompt in enumerate(texts):
+            row, replacement = self._tokenize_sample(
+                index,
+                prompt,
+                None if answers is None else answers[index],
+                add_special_tokens=text_options.get("add_special_tokens", True),
+                with_offsets=return_offsets_mapping,
+            )
+            rows.append(self._truncate(row, index, text_options))
+            replacements.append([replacement])
+        data: dict[str, Any] = {**dict(image_inputs), **self._pad(rows, side, text_options, return_tensors)}
+        if answers is None:
+            data.pop("labels")
+        if return_offsets_mapping:
+            data["text_replacement_offsets"] = replacements
+        else:
+            data.pop("offset_mapping")
         return BatchFeature(data=data, tensor_type=None)
+
+    @staticmethod
+    def _one_image_per_sample(images: Any) -> Any:
+        if not isinstance(images, (list, tuple)):
+            return images
+        flat = []
+        for index, item in enumerate(images):
+            if isinstance(item, (list, tuple)):
+                if len(item) != 1:
+                    raise ValueError(
+                        f"`images[{index}]` holds {len(item)} images; TAP-Chat takes exactly one image per prompt."
+                    )
+                item = item[0]
+            flat.append(item)
+        return flat
+
+    def _tokenize_sample(
+        self, index: int, prompt: str, answer: str | None, add_special_tokens: bool, with_offsets: bool
+    ) -> tuple[dict[str, list], dict[str, Any]]:
+        """Expand `<image>` to `num_image_tokens` slots, tokenize, append the answer + EOS (supervised)."""
+        tokenizer = self.tokenizer
+        start = prompt.index(IMAGE_TOKEN)
+        slots = IMAGE_TOKEN * self.num_image_tokens
+        expanded = prompt[:start] + slots + prompt[start + len(IMAGE_TOKEN) :]
+        replacement = {
+            "type": "image",
+            "span": (start, start + len(IMAGE_TOKEN)),
+            "new_span": (start, start + len(slots)),
+            "text": IMAGE_TOKEN,
+            "replacement": slots,
+        }
+        encoding = tokenizer(expanded, add_special_tokens=add_special_tokens, return_offsets_mapping=with_offsets)
+        ids = list(encoding["input_ids"])
+        offsets = [tuple(pair) for pair in encoding["offset_mapping"]] if with_offsets else [(0, 0)] * len(ids)
+        labels = [IGNORE_INDEX] * len(ids)
+        if ids.count(self.image_token_id) != self.num_image_tokens:
+            raise ValueError(
+                f"`text[{index}]` tokenized to {ids.count(self.image_token_id)} `<image>` ids instead of "
+                f"{self.num_image_tokens}; the tokenizer must keep `<image>` as one special token."
+            )
+        if answer is not None:
+            answer_encoding = tokenizer(" " + answer, add_special_tokens=False, return_offsets_mapping=with_offsets)
+            answer_ids = [*answer_encoding["input_ids"], tokenizer.eos_token_id]
+            shift = len(expanded)
+            answer_offsets = (
+                [(begin + shift, end + shift) for begin, end in answer_encoding["offset_mapping"]]
+                if with_offsets
+                else [(0, 0)] * (len(answer_ids) - 1)
+            )
+            ids += answer_ids
+            labels += answer_ids
+            offsets += [*answer_offsets, (0, 0)]
+        return {"input_ids": ids, "labels": labels, "offset_mapping": offsets}, replacement
+
+    def _truncate(self, row: dict[str, list], index: int, options: dict[str, Any]) -> dict[str, list]:
+        """Keep the first `max_length` tokens when `truncation` is on; never cut into the image slots."""
+        max_length = options.get("max_length")
+        if not options.get("truncation") or max_length is None or len(row["input_ids"]) <= max_length:
+            return row
+        kept = row["input_ids"][:max_length]
+        if kept.count(self.image_token_id) != self.num_image_tokens:
+            raise ValueError(
+                f"`max_length`={max_length} cuts into the {self.num_image_tokens} image slots of `text[{index}]`; "
+                "raise `max_length` or pass truncation=False."
+            )
+        return {key: values[:max_length] for key, values in row.items()}
+
+    def _pad(
+        self, rows: list[dict[str, list]], side: str, options: dict[str, Any], return_tensors: str | None
+    ) -> dict[str, Any]:
+        padding = options.get("padding", True)
+        lengths = [len(row["input_ids"]) for row in rows]
+        if padding in (False, "do_not_pad"):
+            if len(set(lengths)) > 1:
+                if return_tensors == "pt":
+                    raise ValueError("The prompts tokenize to different lengths; pass padding=True to return tensors.")
+                return {
+                    "input_ids": [row["input_ids"] for row in rows],
+                    "attention_mask": [[1] * length for length in lengths],
+                    "labels": [row["labels"] for row in rows],
+                    "offset_mapping": [row["offset_mapping"] for row in rows],
+                }
+            length = lengths[0]
+        elif padding in (True, "longest"):
+            length = max(lengths)
+        elif padding == "max_length":
+            length = options.get("max_length")
+            if length is None or length < max(lengths):
+                raise ValueError(
+                    f"padding='max_length' needs `max_length` >= the longest prompt ({max(lengths)}); got {length!r}."
+                )
+        else:
+            raise ValueError(f"`padding` must be True, 'longest', 'max_length' or False; got {padding!r}.")
+        multiple = options.get("pad_to_multiple_of")
+        if multiple:
+            length = -(-length // multiple) * multiple
+        batch = len(rows)
+        input_ids = torch.full((batch, length), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((batch, length), dtype=torch.long)
+        labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long)
+        offset_mapping = torch.zeros((batch, length, 2), dtype=torch.long)
+        for index, row in enumerate(rows):
+            size = len(row["input_ids"])
+            span = slice(length - size, length) if side == "left" else slice(0, size)
+            input_ids[index, span] = torch.tensor(row["input_ids"], dtype=torch.long)
+            attention_mask[index, span] = 1
+            labels[index, span] = torch.tensor(row["labels"], dtype=torch.long)
+            offset_mapping[index, span] = torch.tensor(row["offset_mapping"], dtype=torch.long).reshape(size, 2)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "offset_mapping": offset_mapping,
+        }
 
     def post_process_image_text_to_text(
         self, generated_ids: torch.Tensor, skip_special_tokens: bool = True, **kwargs

@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from datasets import Dataset
+from trl import SFTTrainer
 
 from ..data.synthetic import decode_masks
 from ..modeling.modeling_tap import TapImageSegmentationOutput
@@ -40,12 +42,16 @@ __all__ = [
     "TAP_STAGES",
     "TAP_STAGE_LOSS_WEIGHTS",
     "TapChatCollator",
+    "TapChatSFTTrainer",
     "TapChatTrainer",
     "TapChatTrainingDataset",
     "TapCollator",
     "TapTrainer",
     "TapTrainingDataset",
+    "build_tap_chat_sft_dataset",
+    "lora_stage",
     "sample_second_stage_prompts",
+    "tap_chat_messages",
 ]
 
 _TOKENIZER_PARTS = ("vision_encoder.", "prompt_encoder.", "image_decoder.", "concept_head.")
@@ -319,11 +325,24 @@ class TapTrainer(RegionTrainer):
 
 # ---------------------------------------------------------------------------------------------------------------
 # TAP-v2-Chat (section 3.2 "Training methods", section 4.1): caption pre-training, then instruction tuning. Both
-# train the same parts: the last k ViT blocks (k = 4), the projector and the LLM (LoRA in the paper; the tiny recipe
-# trains it fully, wrap it with `peft` for LoRA).
+# train the same parts: the last k ViT blocks (k = 4), the projector and the LLM.
+#
+# | stage | data (paper) | prompt -> target | trains | lr |
+# |---|---|---|---|---|
+# | `caption` | 232k detailed captions | `<image>` -> caption | last k ViT blocks, projector, LLM | 1e-3 |
+# | `instruct` | Bunny-695K conversations | USER / ASSISTANT turns -> every answer | the same | 2e-4 |
+#
+# The LLM trains fully by default (the tiny recipe); `use_lora=True` tunes it with LoRA as the paper does
+# (`TapChatForConditionalGeneration.add_language_model_lora`: r=128, alpha=256 on q/k/v/dense of Phi-2, the
+# projector and the last k ViT blocks as `modules_to_save`); the LLM's base weights, embeddings and `lm_head` are then
+# frozen, and the saved checkpoint is one PEFT adapter. `TapChatSFTTrainer` runs the same stages on trl's `SFTTrainer`
+# over a `datasets.Dataset` of `messages` + `images` (`build_tap_chat_sft_dataset`), with the loss on the answers.
 
 LAST_VISION_BLOCKS = "{last_vision_blocks}"
-_CHAT_PARTS = ("model.multi_modal_projector.", "model.language_model.", "lm_head.", LAST_VISION_BLOCKS)
+_LANGUAGE_MODEL_PARTS = ("model.language_model.", "lm_head.")
+_CHAT_PARTS = ("model.multi_modal_projector.", *_LANGUAGE_MODEL_PARTS, LAST_VISION_BLOCKS)
+# Parameter-name patterns of the LLM's LoRA weights (peft: `<module>.lora_A.<adapter>.weight`).
+_LORA_PARTS = (".lora_A.", ".lora_B.")
 
 TAP_CHAT_STAGES: tuple[TrainingStage, ...] = (
     TrainingStage(
@@ -352,6 +371,68 @@ def _expand_vision_blocks(stage: TrainingStage, model: torch.nn.Module) -> Train
     )
     trainable = tuple(p for p in stage.trainable if p != LAST_VISION_BLOCKS) + blocks
     return dataclasses.replace(stage, trainable=trainable)
+
+
+def lora_stage(stage: TrainingStage, model: torch.nn.Module) -> TrainingStage:
+    """The LoRA variant of a TAP-Chat stage: the LLM trains through its LoRA weights only (base weights, embeddings
+    and `lm_head` frozen), every other trained module through its `modules_to_save` copy (peft keeps the original
+    frozen next to it), so the saved adapter holds everything the stage trains.
+
+    Raises a `ValueError` when the model has no LoRA in its LLM or when a trained module is not in the adapter's
+    `modules_to_save`.
+    """
+    from peft.utils import ModulesToSaveWrapper
+
+    stage = _expand_vision_blocks(stage, model)
+    if not model.has_language_model_lora():
+        raise ValueError(
+            f"Stage {stage.name!r} with LoRA needs LoRA layers in the LLM; call "
+            "`model.add_language_model_lora()` (or pass use_lora=True to the trainer)."
+        )
+    trainable: list[str] = []
+    for pattern in stage.trainable:
+        if pattern in _LANGUAGE_MODEL_PARTS:
+            continue
+        module_name = pattern.rstrip(".")
+        try:
+            module = model.get_submodule(module_name)
+        except AttributeError as error:
+            raise ValueError(
+                f"Stage {stage.name!r}: with LoRA every trainable pattern must name a module; {pattern!r} does not."
+            ) from error
+        if not isinstance(module, ModulesToSaveWrapper):
+            raise ValueError(
+                f"Stage {stage.name!r} trains `{module_name}`, but the LoRA adapter does not keep it in "
+                "`modules_to_save`, so a saved adapter would lose it; build the adapter with "
+                "`model.language_model_lora_config()` or add the module to `modules_to_save`."
+            )
+        trainable.append(f"{module_name}.modules_to_save.")
+    return dataclasses.replace(
+        stage,
+        trainable=(*trainable, *_LORA_PARTS),
+        frozen=(*stage.frozen, ".original_module."),
+        description=f"{stage.description}; LLM through LoRA",
+    )
+
+
+def _trainer_model(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    model = kwargs.get("model", args[0] if args else None)
+    if model is None or not callable(getattr(model, "add_language_model_lora", None)):
+        raise TypeError("`model` must be a TapChatForConditionalGeneration instance to train TAP-Chat stages.")
+    return model
+
+
+def _prepare_lora(model: Any, use_lora: bool, lora_config: Any) -> None:
+    """Add the LLM's LoRA adapter for `use_lora` (unless the model already carries one)."""
+    if lora_config is not None and not use_lora:
+        raise ValueError("`lora_config` is given but `use_lora` is False; pass use_lora=True to train with LoRA.")
+    if use_lora and not model.has_language_model_lora():
+        model.add_language_model_lora(lora_config)
+    elif not use_lora and model.has_language_model_lora():
+        raise ValueError(
+            "The model carries LoRA layers in its LLM; pass use_lora=True to train them, or merge them first "
+            "(`model.merge_language_model_lora()`)."
+        )
 
 
 class TapChatTrainingDataset(torch.utils.data.Dataset):
@@ -393,10 +474,119 @@ class TapChatCollator:
 
 
 class TapChatTrainer(RegionTrainer):
-    """`RegionTrainer` for TAP-v2-Chat: freezes everything but the stage's parts (`"caption"` or `"instruct"`)."""
+    """`RegionTrainer` for TAP-v2-Chat: freezes everything but the stage's parts (`"caption"` or `"instruct"`).
+
+    Args:
+        use_lora: tune the LLM with LoRA (the paper's recipe): adds `model.add_language_model_lora(lora_config)`
+            unless the model already carries it, and trains the stage through the adapter (`lora_stage`).
+        lora_config: a custom peft `LoraConfig` (default: `model.language_model_lora_config()`).
+        Other arguments: `RegionTrainer`'s (`stage=`) and `Trainer`'s.
+    """
 
     stages = TAP_CHAT_STAGES
     default_stage = "instruct"
 
+    def __init__(self, *args: Any, use_lora: bool = False, lora_config: Any = None, **kwargs: Any) -> None:
+        _prepare_lora(_trainer_model(args, kwargs), use_lora, lora_config)
+        self.use_lora = use_lora
+        super().__init__(*args, **kwargs)
+
     def resolve_stage(self, name: str) -> TrainingStage:
-        return _expand_vision_blocks(stage_by_name(self.stages, name), self.model)
+        stage = stage_by_name(self.stages, name)
+        if self.use_lora:
+            return lora_stage(stage, self.model)
+        return _expand_vision_blocks(stage, self.model)
+
+
+# ---- trl SFTTrainer path ----------------------------------------------------------------------------------------
+
+
+def tap_chat_messages(scene: dict[str, Any], task: str = "instruct", seed: int = 0, max_turns: int = 3) -> dict:
+    """One conversation in trl's vision format: `{"messages": [...], "images": [image]}`.
+
+    `"caption"`: a user message holding only the image (the caption prompt) and the detailed caption; `"instruct"`:
+    up to `max_turns` of the scene's `vqa` pairs (order seeded by `seed`), the image in the first user message.
+    `processor.apply_chat_template(messages)` renders it as `chat_prompt` / `caption_prompt` + answers.
+    """
+    if task not in ("caption", "instruct"):
+        raise ValueError(f"`task` must be 'caption' or 'instruct'; got {task!r}.")
+    if not isinstance(max_turns, int) or max_turns < 1:
+        raise ValueError(f"`max_turns` must be an integer >= 1; got {max_turns!r}.")
+    image = scene["image"].convert("RGB")
+    if task == "caption" or not scene["vqa"]:
+        messages = [
+            {"role": "user", "content": [{"type": "image"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": scene["image_caption"]}]},
+        ]
+        return {"messages": messages, "images": [image]}
+    pairs = list(scene["vqa"])
+    random.Random(seed).shuffle(pairs)
+    messages = []
+    for turn, pair in enumerate(pairs[:max_turns]):
+        user_content = [{"type": "text", "text": pair["question"]}]
+        if turn == 0:
+            user_content.insert(0, {"type": "image"})
+        messages.append({"role": "user", "content": user_content})
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": pair["answer"]}]})
+    return {"messages": messages, "images": [image]}
+
+
+def build_tap_chat_sft_dataset(
+    scenes: Sequence[dict[str, Any]], task: str = "instruct", seed: int = 0, max_turns: int = 3
+) -> Dataset:
+    """A `datasets.Dataset` of `messages` + `images` (`tap_chat_messages` per scene, seeded by `(seed, index)`) for
+    `TapChatSFTTrainer` or a plain `trl.SFTTrainer`."""
+    rows = [
+        tap_chat_messages(scenes[index], task=task, seed=seed * 1_000_003 + index, max_turns=max_turns)
+        for index in range(len(scenes))
+    ]
+    return Dataset.from_list(rows)
+
+
+class TapChatSFTTrainer(TapChatTrainer, SFTTrainer):
+    """TAP-Chat's stages on trl's `SFTTrainer` (DESIGN principle 5): a `datasets.Dataset` of `messages` + `images`
+    (`build_tap_chat_sft_dataset`), `processing_class=TapChatProcessor` (its chat template marks the answers), and
+    `SFTConfig(assistant_only_loss=True)`, so trl's vision collator supervises every assistant answer (and the final
+    EOS) and nothing else. Freezing and LoRA are `TapChatTrainer`'s (`stage=`, `use_lora=`).
+
+    Usage:
+        ```python
+        args = SFTConfig(output_dir="tap-chat-instruct", assistant_only_loss=True, max_length=None,
+                         learning_rate=2e-4, lr_scheduler_type="cosine", adam_beta2=0.95)
+        trainer = TapChatSFTTrainer(model=model, args=args, train_dataset=build_tap_chat_sft_dataset(scenes),
+                                    processing_class=processor, stage="instruct", use_lora=True)
+        trainer.train()
+        ```
+
+    `max_length` truncates from the end and must leave the `num_image_tokens` image slots whole (the processor
+    raises otherwise): None or >= 2048 at paper size. trl keeps only the `messages` / `images` columns of a vision
+    data set (`remove_unused_columns`) and skips its text preparation for it (no `dataset_kwargs` needed). trl's
+    SFTTrainer adds no BOS (`add_special_tokens=False`); Phi-2's tokenizer adds none either. Pass the LoRA through
+    `use_lora=` rather than trl's `peft_config=`, which would wrap the model in a `PeftModel` and rename every
+    parameter the stages name.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if kwargs.get("peft_config") is not None:
+            raise ValueError(
+                "TapChatSFTTrainer adds the paper's LoRA itself: pass use_lora=True (and optionally lora_config=) "
+                "instead of peft_config."
+            )
+        arguments = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if not getattr(arguments, "assistant_only_loss", False):
+            raise ValueError(
+                "TAP-Chat's stages supervise the assistant answers only: pass `args=SFTConfig(..., "
+                "assistant_only_loss=True)`."
+            )
+        super().__init__(*args, **kwargs)
+
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        # TAP-Chat has a single loss term, so RegionTrainer's named-term logging has nothing to add; asking trl for the
+        # outputs would cost a second forward pass (its fused LM head builds no logits).
+        return SFTTrainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
