@@ -16,15 +16,18 @@ with `AutoProcessor`; its tiny LLM is a 2-layer Phi over the same synthetic voca
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from transformers import PreTrainedModel
 
 from hf_regionmm.data.synthetic import CONCEPT_VOCABULARY, decode_masks, generate_scenes, vocabulary_words
 from hf_regionmm.data.tiny_tokenizer import build_word_tokenizer
+from hf_regionmm.evaluation.tap_eval import evaluate_tap_chat_checkpoint, evaluate_tap_checkpoint, interior_point
+from hf_regionmm.hub.convert_tap import convert_tap_checkpoint
 from hf_regionmm.modeling.configuration_tap import TapChatConfig, TapConfig
 from hf_regionmm.modeling.modeling_tap import TapChatForConditionalGeneration, TapChatModel, TapModel
 from hf_regionmm.processing.image_processing_tap import TapImageProcessor
@@ -101,14 +104,6 @@ def _example_scenes() -> list[dict]:
     return [scenes[index] for index in range(len(scenes))]
 
 
-def _interior_point(mask: np.ndarray, offset: int = 0) -> list[float]:
-    """A mask pixel near the mask's centroid (`offset` walks to later pixels in distance order)."""
-    rows, cols = np.nonzero(mask)
-    distance = (rows - rows.mean()) ** 2 + (cols - cols.mean()) ** 2
-    index = np.argsort(distance, kind="stable")[min(offset, len(rows) - 1)]
-    return [float(cols[index]), float(rows[index])]
-
-
 def example_inputs(processor: TapProcessor, config: TapConfig) -> dict:
     """Two synthetic scenes prompted with every prompt kind, with masks, concept targets and captions.
 
@@ -119,12 +114,12 @@ def example_inputs(processor: TapProcessor, config: TapConfig) -> dict:
     masks = [decode_masks(scene) for scene in scenes]
     first, second = masks
     points = [
-        [[_interior_point(first[0])], [_interior_point(first[1]), _interior_point(first[0], offset=3)]],
-        [[_interior_point(second[1])]],
+        [[interior_point(first[0])], [interior_point(first[1]), interior_point(first[0], offset=3)]],
+        [[interior_point(second[1])]],
     ]
     labels = [[[1], [1, 0]], [[1]]]
     boxes = [[scenes[0]["boxes"][2]], [scenes[1]["boxes"][0]]]
-    sketches = [[], [[_interior_point(second[2], offset=k) for k in (0, 4, 8)]]]
+    sketches = [[], [[interior_point(second[2], offset=k) for k in (0, 4, 8)]]]
     # Prompt order inside an image: points, boxes, sketches.
     order = [[0, 1, 2], [1, 0, 2]]
     inputs = processor(
@@ -256,6 +251,21 @@ def bad_inputs() -> list[BadInputCase]:
     ]
 
 
+def tap_demo_hook(output_dir: Path, progress: Callable[[str], None], **options: Any) -> dict[str, float]:
+    """`hf-regionmm demo` for TAP: see `hf_regionmm.systems.tap_demo.tap_demo` (imported on use, like the other
+    demos, so registering the system stays cheap)."""
+    from hf_regionmm.systems.tap_demo import tap_demo
+
+    return tap_demo(output_dir, progress, **options)
+
+
+def tap_chat_demo_hook(output_dir: Path, progress: Callable[[str], None], **options: Any) -> dict[str, float]:
+    """`hf-regionmm demo` for TAP-Chat: see `hf_regionmm.systems.tap_demo.tap_chat_demo`."""
+    from hf_regionmm.systems.tap_demo import tap_chat_demo
+
+    return tap_chat_demo(output_dir, progress, **options)
+
+
 TAP_SYSTEM = register_system(
     SystemSpec(
         name="tap",
@@ -276,6 +286,9 @@ TAP_SYSTEM = register_system(
             stages=TAP_STAGES,
             default_stage="stage2",
         ),
+        demo=tap_demo_hook,
+        evaluate=evaluate_tap_checkpoint,
+        convert=convert_tap_checkpoint,
         card_template="tap",
     )
 )
@@ -398,6 +411,8 @@ TAP_CHAT_SYSTEM = register_system(
             stages=TAP_CHAT_STAGES,
             default_stage="instruct",
         ),
+        demo=tap_chat_demo_hook,
+        evaluate=evaluate_tap_chat_checkpoint,
         card_template="tap",
     )
 )
