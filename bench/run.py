@@ -15,7 +15,15 @@ import torch
 
 from .harness import write_results
 
-MODULES = ["bench.blocks", "bench.groma", "bench.regionblip", "bench.tap", "bench.ullava"]
+MODULES = [
+    "bench.blocks",
+    "bench.groma",
+    "bench.regionblip",
+    "bench.tap",
+    "bench.ullava",
+    "bench.processors",
+    "bench.training",
+]
 ROOT = Path(__file__).resolve().parents[1]
 
 

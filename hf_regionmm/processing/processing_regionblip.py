@@ -313,14 +313,15 @@ class RegionBlipProcessor(ProcessorMixin):
         padding_side = text_kwargs.get("padding_side") or self.tokenizer.padding_side
         max_length = text_kwargs.get("max_length") if text_kwargs.get("truncation") else None
         placeholders = [self.image_token_id] * self.num_query_tokens
+        # One batched tokenizer call per kind instead of one per sample (the processor-throughput bench).
+        all_prompt_ids = self.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+        all_caption_ids = None if captions is None else self.tokenizer(list(captions), add_special_tokens=False)
         rows, label_rows = [], []
-        for index, prompt in enumerate(prompts):
-            prompt_ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        for index, prompt_ids in enumerate(all_prompt_ids):
             ids = placeholders + list(prompt_ids)
             labels = [-100] * len(ids)
-            if captions is not None:
-                caption_ids = self.tokenizer(captions[index], add_special_tokens=False)["input_ids"]
-                caption_ids = list(caption_ids) + [self.tokenizer.eos_token_id]
+            if all_caption_ids is not None:
+                caption_ids = list(all_caption_ids["input_ids"][index]) + [self.tokenizer.eos_token_id]
                 ids += caption_ids
                 labels += caption_ids
             if max_length is not None:
