@@ -28,7 +28,7 @@ from hf_regionmm.modeling.modeling_ullava import ULlavaForConditionalGeneration,
 from hf_regionmm.processing.image_processing_ullava import pad_to_square_offsets
 from hf_regionmm.registry import get_system
 from hf_regionmm.systems.ullava import tiny_ullava_config, tiny_ullava_processor
-from hf_regionmm.systems.ullava_demo import QUICK_RECIPE, ULlavaDemoRecipe, ullava_demo
+from hf_regionmm.systems.ullava_demo import QUICK_RECIPE, ullava_demo
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +100,7 @@ def _oracle_answers(samples, mask_fn, box_fn):
 
 def test_samples_cover_every_object_with_an_expression_and_the_salient_object(scenes):
     samples = ullava_eval_samples(scenes)
+    locate = ullava_eval_samples(scenes, ("rec",), rec_query="locate")["rec"]
     rows = [scenes[index] for index in range(len(scenes))]
     expected_objects = sum(len({e["object_index"] for e in row["referring_expressions"]}) for row in rows)
     assert len(samples["res"]) == len(samples["rec"]) == expected_objects
@@ -109,10 +110,13 @@ def test_samples_cover_every_object_with_an_expression_and_the_salient_object(sc
         assert sample["object_index"] == row["salient_index"]
         # The salient object is the largest visible one.
         assert sample["mask"].sum() == decode_masks(row).sum(axis=(1, 2)).max()
-    for res, rec in zip(samples["res"], samples["rec"], strict=True):
+    for res, rec, box_only in zip(samples["res"], samples["rec"], locate, strict=True):
         row = rows[res["scene"]]
         assert res["query"] == f"Can you segment and locate the {res['expression']} in this image?"
-        assert rec["query"] == f"Please locate the {rec['expression']} in this image."
+        # The paper's combined REC asks for mask and box (the fused box is scored); "locate" asks for the box only.
+        assert rec["query"] == res["query"]
+        assert box_only["query"] == f"Please locate the {rec['expression']} in this image."
+        assert box_only["box"] == rec["box"]
         assert not res["expression"].startswith("the ")
         # The ground-truth box is the box of the ground-truth mask (pixel-edge convention).
         ys, xs = np.nonzero(res["mask"])
@@ -215,6 +219,8 @@ def test_bad_inputs_raise_clear_errors(model, processor, scenes):
         evaluate_ullava(model, processor, scenes, tasks=("vqa",))
     with pytest.raises(ValueError, match="`batch_size`"):
         evaluate_ullava(model, processor, scenes, batch_size=0)
+    with pytest.raises(ValueError, match="`rec_query`"):
+        evaluate_ullava(model, processor, scenes, tasks=("rec",), rec_query="detect")
     with pytest.raises(TypeError, match="`scenes`"):
         evaluate_ullava(model, processor, scenes[0])
     without_masks = ullava_eval_scenes(1, with_masks=False)
@@ -241,7 +247,7 @@ def test_checkpoint_evaluation_through_the_auto_classes(tmp_path, model, process
 def test_quick_demo_writes_checkpoint_card_and_pictures(tmp_path):
     messages: list[str] = []
     metrics = ullava_demo(tmp_path, messages.append, quick=True)
-    for name in ("ciou", "giou", "prec@0.5", "salient_ciou"):
+    for name in ("ciou", "giou", "prec@0.5", "locate_prec@0.5", "salient_ciou"):
         assert 0.0 <= metrics[f"{name}_before"] <= 1.0 and 0.0 <= metrics[f"{name}_after"] <= 1.0
     assert all(math.isfinite(value) for value in metrics.values())
     checkpoint = tmp_path / "checkpoint"
@@ -257,8 +263,3 @@ def test_quick_demo_writes_checkpoint_card_and_pictures(tmp_path):
     assert set(saved["losses"]) == {"align", "instruct"}
     assert any("instruct" in message for message in messages)
     assert get_system("ullava").demo is ullava_demo
-
-
-def test_demo_rejects_a_bad_box_prior(tmp_path):
-    with pytest.raises(ValueError, match="`box_prior`"):
-        ullava_demo(tmp_path, lambda message: None, recipe=ULlavaDemoRecipe(box_prior=(0.5, 0.5, 0.4, 0.6)))

@@ -14,6 +14,8 @@ from hf_regionmm.modeling.configuration_ullava import ULlavaConfig
 from hf_regionmm.modeling.modeling_ullava import (
     LOSS_TERMS,
     ULlavaForConditionalGeneration,
+    decode_location,
+    encode_location,
     mask_logits_to_box,
     order_box_corners,
     sam_resized_size,
@@ -86,6 +88,9 @@ def test_config_and_processor_token_lists_agree():
         ({"text_config": {"vocab_size": 5}}, "vocab_size"),
         ({"sam_config": {"mask_decoder_config": {"hidden_size": 48}}}, "sam_config"),
         ({"loc_head_hidden_sizes": []}, "loc_head_hidden_sizes"),
+        ({"loc_box_activation": "relu"}, "loc_box_activation"),
+        ({"loc_prior_box": (0.7, 0.3, 0.3, 0.7)}, "loc_prior_box"),
+        ({"loc_prior_box": (0.0, 0.3, 0.5, 0.7)}, "loc_prior_box"),
     ],
 )
 def test_bad_config_values_raise(overrides, match):
@@ -163,7 +168,7 @@ def test_seg_mask_comes_from_the_configured_hidden_state(offset, inputs):
     # The [LOC] box reads the same convention.
     (loc_position,) = _special_positions(inputs["input_ids"], config.loc_token_id)[1].tolist()
     loc_state = hidden[1, loc_position - 1 if offset == "previous" else loc_position]
-    expected_box = model.loc_head(model.loc_projector(loc_state)).sigmoid()
+    expected_box = decode_location(model.loc_head(model.loc_projector(loc_state)), config.loc_box_activation)
     torch.testing.assert_close(outputs.pred_boxes[1, 0], expected_box)
 
 
@@ -200,8 +205,42 @@ def test_postprocess_masks_crops_the_padding_before_resizing(model):
     assert bool((masks[0] > 0).all()) and bool((masks[1] < 0).all())
 
 
-def test_box_head_outputs_lie_in_unit_square(config, inputs):
+def test_location_decoding_is_always_valid_and_inverts_on_valid_boxes():
+    set_seed(0)
+    raw = torch.randn(4096, 4) * 6
+    boxes = decode_location(raw, "center_size")
+    assert bool((boxes[:, 2:] >= boxes[:, :2]).all())
+    # Centre and size are both in (0, 1), so a box reaches at most half its size past the square.
+    assert bool((boxes > -0.5).all()) and bool((boxes < 1.5).all())
+    sigmoid = decode_location(raw, "sigmoid")
+    assert bool(((sigmoid >= 0) & (sigmoid <= 1)).all())
+    # Hand-computed: raw 0 -> centre 0.5, size 0.5 -> (0.25, 0.25, 0.75, 0.75).
+    torch.testing.assert_close(decode_location(torch.zeros(4), "center_size"), torch.tensor([0.25, 0.25, 0.75, 0.75]))
+    corners = torch.rand(256, 2) * 0.5
+    valid = torch.cat([corners, corners + 0.05 + torch.rand(256, 2) * 0.4], dim=1)
+    for activation in ("center_size", "sigmoid", "none"):
+        torch.testing.assert_close(decode_location(encode_location(valid, activation), activation), valid)
+    with pytest.raises(ValueError, match="activation"):
+        decode_location(raw, "relu")
+
+
+@pytest.mark.parametrize("activation", ["center_size", "sigmoid", "none"])
+def test_fresh_location_head_starts_at_the_prior_box(activation, inputs):
+    model = _model(tiny_ullava_config(loc_box_activation=activation))
+    with torch.no_grad():
+        outputs = model(**inputs)
+    boxes = outputs.pred_boxes[outputs.pred_boxes_mask]
+    # The last layer's small random weights move the box only slightly off the prior.
+    torch.testing.assert_close(boxes, torch.tensor([[0.3, 0.3, 0.7, 0.7]] * 2), atol=0.02, rtol=0)
+    custom = _model(tiny_ullava_config(loc_box_activation=activation, loc_prior_box=[0.1, 0.2, 0.5, 0.9]))
+    with torch.no_grad():
+        boxes = custom(**inputs).pred_boxes[0, 0]
+    torch.testing.assert_close(boxes, torch.tensor([0.1, 0.2, 0.5, 0.9]), atol=0.02, rtol=0)
+
+
+def test_box_head_gives_valid_boxes_for_any_weights_and_raw_keeps_the_release(config, inputs):
     model = _model(config)
+    assert config.loc_box_activation == "center_size"
     with torch.no_grad():
         for parameter in model.loc_head.parameters():
             parameter.normal_(0, 5.0)
@@ -214,14 +253,42 @@ def test_box_head_outputs_lie_in_unit_square(config, inputs):
             attention_mask=inputs["attention_mask"],
         )
     boxes = outputs.pred_boxes[outputs.pred_boxes_mask]
-    assert boxes.shape == (2, 4) and bool(((boxes >= 0) & (boxes <= 1)).all())
+    assert boxes.shape == (2, 4) and bool((boxes[:, 2:] >= boxes[:, :2]).all())
     for sample_boxes in prediction.boxes:
         assert bool((sample_boxes[:, 2:] >= sample_boxes[:, :2]).all())
+        assert bool(((sample_boxes >= 0) & (sample_boxes <= 1)).all())
+    # The released parametrisation reads the same decoder outputs as raw xyxy.
     raw = ULlavaForConditionalGeneration(tiny_ullava_config(loc_box_activation="none")).eval()
     raw.load_state_dict(model.state_dict())
     with torch.no_grad():
         raw_boxes = raw(**inputs).pred_boxes
-    torch.testing.assert_close(raw_boxes.sigmoid()[outputs.pred_boxes_mask], boxes)
+    torch.testing.assert_close(decode_location(raw_boxes, "center_size")[outputs.pred_boxes_mask], boxes)
+
+
+def test_box_losses_reach_the_location_head_and_the_llm(inputs):
+    # Only the box terms weigh: the gradient of the total loss is the box losses' gradient.
+    config = tiny_ullava_config(ce_loss_weight=0.0, bce_loss_weight=0.0, dice_loss_weight=0.0)
+    model = _model(config).train()
+    model(**inputs).loss.backward()
+    assert float(model.loc_head[-1].weight.grad.abs().sum()) > 0
+    assert float(model.loc_projector[0].weight.grad.abs().sum()) > 0
+    assert float(model.model.language_model.layers[-1].mlp.down_proj.weight.grad.abs().sum()) > 0
+    assert model.seg_projector[0].weight.grad is None or float(model.seg_projector[0].weight.grad.abs().sum()) == 0
+
+
+def test_fresh_sam_image_encoder_gives_non_degenerate_features(model):
+    assert ULlavaConfig.from_preset("ullava-7b").sam_config.vision_config.initializer_range == 0.02
+    assert ULlavaConfig().sam_config.vision_config.initializer_range == 0.02
+    set_seed(0)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        features = model.model.get_sam_image_embeddings(images)
+        # transformers' SamVisionConfig default (1e-10, meant for loading pretrained SAM) would give ~0 features.
+        degenerate = _model(
+            tiny_ullava_config(sam_config={"vision_config": {"initializer_range": 1e-10}})
+        ).model.get_sam_image_embeddings(images)
+    assert float(features.std()) > 0.5 and float((features[0] - features[1]).abs().mean()) > 0.1
+    assert float(degenerate.abs().max()) < 1e-6
 
 
 def test_order_box_corners_and_mask_box():

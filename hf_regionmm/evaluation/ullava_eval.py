@@ -6,8 +6,13 @@ The benchmarks of the u-LLaVA paper (Sec. 4, Tables 4-6 and 8), with the release
 | task | prompt | prediction | metric |
 |---|---|---|---|
 | RES (Tables 4/5, RefCOCO/+/g) | `res_prompt(expression)` | mask of the first generated `[SEG]` | `mask_iou`: cIoU, gIoU |
-| REC (Table 6, RefCOCO/+/g) | `rec_prompt(expression)` | one box per answer, fused by `config.rec_fusion` from the first `[LOC]` box and the first `[SEG]` mask's box (`predict().rec_boxes`) | `box_precision`: Prec@0.5 |
+| REC (Table 6, RefCOCO/+/g) | `res_prompt(expression)` (default `rec_query="segment_and_locate"`) or `rec_prompt(expression)` (`"locate"`) | one box per answer, fused by `config.rec_fusion` from the first `[LOC]` box and the first `[SEG]` mask's box (`predict().rec_boxes`) | `box_precision`: Prec@0.5 |
 | salient segmentation (Table 8) | `salient_prompt()` | mask of the first generated `[SEG]` | `mask_iou` against the scene's `salient_index` object |
+
+REC follows the paper's combined inference (Sec. 4.5, Fig. 2: "all intermediate results ..., including the output of
+the region decoder and the generated mask"): the query is the released segment-and-locate instruction (RefCOCO is
+trained with those templates), so the answer carries both `[SEG]` and `[LOC]` and `config.rec_fusion` picks or
+averages their boxes. `rec_query="locate"` asks the box-only instruction instead (`[LOC]` alone; no mask to fuse).
 
 Generation is greedy; `model.predict` re-reads the generated sequences and runs the mask and box heads on their
 `[SEG]` / `[LOC]` tokens. Predicted masks are compared at the ORIGINAL image size with the ground-truth masks of
@@ -38,6 +43,7 @@ from . import load_metric
 
 __all__ = [
     "ULLAVA_EVAL_SCENES",
+    "REC_QUERIES",
     "ULLAVA_EVAL_TASKS",
     "ULlavaAnswer",
     "evaluate_ullava",
@@ -48,6 +54,7 @@ __all__ = [
 ]
 
 ULLAVA_EVAL_TASKS = ("res", "rec", "salient")
+REC_QUERIES = ("segment_and_locate", "locate")
 
 # The scene distribution the tiny u-LLaVA trains on (`hf_regionmm.systems.ullava.build_training_dataset`); held-out
 # evaluation draws the same kind of scene from the "test" split (which never shares a scene with "train").
@@ -210,17 +217,23 @@ def _scene_list(scenes: Any, tasks: Sequence[str]) -> list[Mapping[str, Any]]:
     return rows
 
 
-def ullava_eval_samples(scenes: Any, tasks: Sequence[str] = ULLAVA_EVAL_TASKS) -> dict[str, list[dict[str, Any]]]:
+def ullava_eval_samples(
+    scenes: Any, tasks: Sequence[str] = ULLAVA_EVAL_TASKS, rec_query: str = "segment_and_locate"
+) -> dict[str, list[dict[str, Any]]]:
     """The evaluation queries of each task, with their ground truth.
 
     RES and REC ask about every object that has a referring expression, once, with its first expression (the
-    expression's leading "the" dropped: the templates say "the {}" already); salient asks once per scene.
+    expression's leading "the" dropped: the templates say "the {}" already); salient asks once per scene. REC asks
+    `res_prompt` (`rec_query="segment_and_locate"`, the paper's combined REC) or `rec_prompt` (`"locate"`).
 
     Returns:
         task -> list of `{"scene": index, "query": str, "expression": str | None, "object_index": int,
         "mask": (H, W) bool numpy (RES, salient) / "box": pixel xyxy list (REC)}`.
     """
     tasks = _check_tasks(tasks)
+    if rec_query not in REC_QUERIES:
+        raise ValueError(f"`rec_query` must be one of {REC_QUERIES}; got {rec_query!r}.")
+    rec_template = res_prompt if rec_query == "segment_and_locate" else rec_prompt
     rows = _scene_list(scenes, tasks)
     samples: dict[str, list[dict[str, Any]]] = {task: [] for task in tasks}
     for index, row in enumerate(rows):
@@ -243,7 +256,7 @@ def ullava_eval_samples(scenes: Any, tasks: Sequence[str] = ULLAVA_EVAL_TASKS) -
                 samples["rec"].append(
                     {
                         "scene": index,
-                        "query": rec_prompt(text),
+                        "query": rec_template(text),
                         "expression": text,
                         "object_index": object_index,
                         "box": [float(v) for v in row["boxes"][object_index]],
@@ -293,6 +306,7 @@ def evaluate_ullava(
     tasks: Sequence[str] = ULLAVA_EVAL_TASKS,
     max_new_tokens: int = _DEFAULT_MAX_NEW_TOKENS,
     batch_size: int = 16,
+    rec_query: str = "segment_and_locate",
     predictions: dict[str, list[dict[str, Any]]] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, float]:
@@ -306,6 +320,8 @@ def evaluate_ullava(
             scene).
         max_new_tokens: generation budget per answer.
         batch_size: prompts per `generate` call.
+        rec_query: `"segment_and_locate"` (the paper's combined REC: mask + box answer, fused by
+            `config.rec_fusion`) or `"locate"` (box-only instruction, the `[LOC]` box alone).
         predictions: if a dict is given, it receives per task the list of samples with their predictions
             (JSON-serialisable; masks as pixel counts and the predicted box), e.g. to save them.
         progress: optional callback for one-line progress messages.
@@ -318,7 +334,7 @@ def evaluate_ullava(
     tasks = _check_tasks(tasks)
     _check_positive_int(max_new_tokens, "max_new_tokens")
     _check_positive_int(batch_size, "batch_size")
-    samples = ullava_eval_samples(scenes, tasks)
+    samples = ullava_eval_samples(scenes, tasks, rec_query)
     rows = _scene_list(scenes, tasks)
     report = progress or (lambda message: None)
     metrics: dict[str, float] = {}

@@ -12,8 +12,12 @@ Released code vs paper, each a field (see `reference/original_repos.md` section 
 | field | released (OPPOMKLab/u-LLaVA HEAD) | library default |
 |---|---|---|
 | `seg_token_offset` | `"previous"`: the state of the token BEFORE `[SEG]`/`[LOC]` (LISA style) | same |
-| `loc_box_activation` | `"none"`: the decoder's 4 raw numbers | `"sigmoid"`: boxes in [0, 1] |
+| `loc_box_activation` | `"none"`: the decoder's 4 raw numbers read as xyxy | `"center_size"`: sigmoid centre + size |
 | `projector_type` | `"linear"`: one Linear(1024 -> 4096) | same |
+
+A fresh SAM image encoder is initialised with `sam_config.vision_config.initializer_range` 0.02 (ViT-H preset; 0.1 in
+the 2-layer tiny preset), not transformers' `SamVisionConfig` default 1e-10, which is meant for loading pretrained SAM:
+at 1e-10 a randomly initialised (frozen) encoder outputs ~0 and no mask can be learned. Loaded weights are unaffected.
 
 The released loss bugs (the logged `ce_loss` is the total loss; box losses divided by the box count twice; L1 summed
 over the 4 coordinates) are NOT reproduced: the losses here are the paper's eq. (3) with mean-reduced terms.
@@ -78,6 +82,7 @@ _SAM_VIT_H = {
         "output_channels": 256,
         "image_size": 1024,
         "patch_size": 16,
+        "initializer_range": 0.02,
     },
     "prompt_encoder_config": {"hidden_size": 256, "image_size": 1024, "patch_size": 16},
     "mask_decoder_config": {"hidden_size": 256},
@@ -125,6 +130,9 @@ _PRESETS: dict[str, dict[str, Any]] = {
                 "image_size": 64,
                 "patch_size": 8,
                 "mlp_dim": 32,
+                # Tuned with the tiny demo, which trains from random weights; transformers' SamVisionConfig default
+                # (1e-10) would make the fresh encoder output ~0.
+                "initializer_range": 0.1,
             },
             "prompt_encoder_config": {"hidden_size": 32, "image_size": 64, "patch_size": 8},
             "mask_decoder_config": {
@@ -143,7 +151,7 @@ _PRESETS: dict[str, dict[str, Any]] = {
 
 _OFFSETS = ("previous", "self")
 _REC_FUSIONS = ("box", "mask", "mean")
-_BOX_ACTIVATIONS = ("sigmoid", "none")
+_BOX_ACTIVATIONS = ("center_size", "sigmoid", "none")
 _PROJECTORS = ("linear", "mlp2x_gelu")
 
 
@@ -170,7 +178,14 @@ class ULlavaConfig(PreTrainedConfig):
             the token before it, i.e. the state that predicts it) or `"self"` (the state at the token).
         loc_projector_dim: output width of the location projector (256: hidden -> hidden -> 256).
         loc_head_hidden_sizes: widths of the location decoder's hidden layers ((256, 128): 256 -> 256 -> 128 -> 4).
-        loc_box_activation: `"sigmoid"` (boxes in [0, 1]) or `"none"` (released: raw outputs).
+        loc_box_activation: how the decoder's 4 outputs `r` become a normalized xyxy box. `"center_size"` (default):
+            `(cx, cy, w, h) = sigmoid(r)`, box `(cx - w/2, cy - h/2, cx + w/2, cy + h/2)`, always valid (x2 >= x1,
+            y2 >= y1; it may reach past the square by up to w/2, `predict` clamps). `"sigmoid"`: `sigmoid(r)` read as
+            xyxy, corners re-ordered. `"none"` (released, for converted checkpoints): `r` read as xyxy, corners
+            re-ordered.
+        loc_prior_box: normalized xyxy box a freshly initialised location decoder outputs for every input (its last
+            bias; (0.3, 0.3, 0.7, 0.7)), so training starts from a valid box of plausible size, not the point box
+            (0.5, 0.5, 0.5, 0.5) of zero biases. Loaded weights are unaffected.
         rec_fusion: how `predict` turns a `[SEG]` + `[LOC]` answer into one box: `"box"` (the decoded `[LOC]` box),
             `"mask"` (the box of the predicted mask), `"mean"` (their average; falls back to whichever exists).
         mask_threshold: mask logit above which a pixel is foreground (0.0).
@@ -211,7 +226,8 @@ class ULlavaConfig(PreTrainedConfig):
     seg_token_offset: str = "previous"
     loc_projector_dim: int = 256
     loc_head_hidden_sizes: list[int] | tuple[int, ...] = (256, 128)
-    loc_box_activation: str = "sigmoid"
+    loc_box_activation: str = "center_size"
+    loc_prior_box: list[float] | tuple[float, ...] = (0.3, 0.3, 0.7, 0.7)
     rec_fusion: str = "box"
     mask_threshold: float | int = 0.0
     ce_loss_weight: float | int = 1.0
@@ -223,6 +239,7 @@ class ULlavaConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         self.loc_head_hidden_sizes = tuple(int(size) for size in self.loc_head_hidden_sizes)
+        self.loc_prior_box = tuple(float(value) for value in self.loc_prior_box)
         super().__post_init__(**kwargs)
         self._check_values()
 
@@ -339,6 +356,17 @@ class ULlavaConfig(PreTrainedConfig):
         if not self.loc_head_hidden_sizes or any(size < 1 for size in self.loc_head_hidden_sizes):
             raise ValueError(
                 f"`loc_head_hidden_sizes` must list at least one positive width; got {self.loc_head_hidden_sizes}."
+            )
+        prior = self.loc_prior_box
+        if (
+            len(prior) != 4
+            or not all(0 < value < 1 for value in prior)
+            or prior[2] <= prior[0]
+            or prior[3] <= prior[1]
+        ):
+            raise ValueError(
+                f"`loc_prior_box` must be a normalized xyxy box strictly inside (0, 1) with x2 > x1 and y2 > y1; got "
+                f"{prior}. Example: (0.3, 0.3, 0.7, 0.7)."
             )
         for name, allowed in (
             ("seg_token_offset", _OFFSETS),

@@ -15,8 +15,10 @@ Data flow, in the order of this file:
    output) on the `sam_vision_encoder` embedding of the SAM input (longest side 1024, padded) -> low-resolution
    mask logits -> upsampled to the SAM input, cropped to the resized image, resized to the ORIGINAL image size.
 4. Region head (section 3.2, "region-aware tuning"): the state of each `[LOC]` token -> `loc_projector` (hidden ->
-   hidden -> 256) -> `loc_head` (256 -> 256 -> 128 -> 4) -> a box, normalized xyxy of the white-padded square image
-   (released `pad_normalize_xyxy`: pixel + centring offset, divided by max(height, width)).
+   hidden -> 256) -> `loc_head` (256 -> 256 -> 128 -> 4) -> 4 numbers -> a box by `config.loc_box_activation`
+   (`decode_location`; default centre + size through a sigmoid, so every box is valid), normalized xyxy of the
+   white-padded square image (released `pad_normalize_xyxy`: pixel + centring offset, divided by max(height, width)).
+   A fresh decoder starts at `config.loc_prior_box` for every input.
 5. Losses (eq. 3): CE (1.0) + mask BCE (2.0) + dice (0.5) + box L1 (1.0) + GIoU (1.0), every term in `loss_dict`.
 
 SAM parts are transformers' own modules (`SamVisionEncoder`, `SamPromptEncoder`, `SamMaskDecoder`), so converted
@@ -54,6 +56,8 @@ __all__ = [
     "ULlavaModelOutputWithPast",
     "ULlavaPrediction",
     "ULlavaPreTrainedModel",
+    "decode_location",
+    "encode_location",
     "order_box_corners",
     "sam_resized_size",
 ]
@@ -95,7 +99,8 @@ class ULlavaCausalLMOutputWithPast(ModelOutput):
         pred_masks: per sample, `(k_b, H_b, W_b)` float mask logits at the ORIGINAL image size, one per `[SEG]` token
             in order (k_b may be 0); None when no `[SEG]` was decoded (no `[SEG]` or no `sam_pixel_values`).
         pred_boxes: `(B, N, 4)` float boxes of the `[LOC]` tokens in order, normalized xyxy of the white-padded square
-            image (in [0, 1] with `loc_box_activation="sigmoid"`), zero-padded; None without `[LOC]`.
+            image (`decode_location` of the decoder outputs: valid boxes with the default `"center_size"`), zero-padded;
+            None without `[LOC]`.
         pred_boxes_mask: `(B, N)` bool, True on real boxes.
         loss_dict: detached unweighted terms `lm_loss`, `mask_bce`, `mask_dice`, `box_l1`, `box_giou` (0 when a term
             has no target in the batch; the keys are always the same).
@@ -144,6 +149,39 @@ def sam_resized_size(height: int, width: int, longest_side: int) -> tuple[int, i
     `s = longest_side / max(h, w)` (rounded half up, as segment-anything and transformers' SAM processor)."""
     scale = longest_side / max(height, width)
     return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+def decode_location(raw: torch.Tensor, activation: str) -> torch.Tensor:
+    """`(..., 4)` location-decoder outputs -> `(..., 4)` normalized xyxy boxes (white-padded square frame).
+
+    `activation` (`config.loc_box_activation`):
+        `"center_size"`: `(cx, cy, w, h) = sigmoid(raw)`, box `(cx - w/2, cy - h/2, cx + w/2, cy + h/2)`: x2 >= x1 and
+            y2 >= y1 for every input, so GIoU always has a gradient; corners may pass the square's edge by up to w/2.
+        `"sigmoid"`: `sigmoid(raw)` read as xyxy (in [0, 1]; corners may come out swapped).
+        `"none"`: `raw` read as xyxy (released: unbounded, corners may come out swapped).
+    """
+    if activation == "center_size":
+        center, size = raw[..., :2].sigmoid(), raw[..., 2:].sigmoid()
+        return torch.cat([center - size / 2, center + size / 2], dim=-1)
+    if activation == "sigmoid":
+        return raw.sigmoid()
+    if activation == "none":
+        return raw
+    raise ValueError(f"`activation` must be 'center_size', 'sigmoid' or 'none'; got {activation!r}.")
+
+
+def encode_location(boxes: torch.Tensor, activation: str) -> torch.Tensor:
+    """Inverse of `decode_location` for valid boxes: `(..., 4)` normalized xyxy strictly inside (0, 1) (x2 > x1,
+    y2 > y1; width and height < 1) -> the `(..., 4)` decoder outputs that decode to them (used to set the prior)."""
+    if activation == "center_size":
+        center = (boxes[..., :2] + boxes[..., 2:]) / 2
+        size = boxes[..., 2:] - boxes[..., :2]
+        return torch.logit(torch.cat([center, size], dim=-1))
+    if activation == "sigmoid":
+        return torch.logit(boxes)
+    if activation == "none":
+        return boxes.clone()
+    raise ValueError(f"`activation` must be 'center_size', 'sigmoid' or 'none'; got {activation!r}.")
 
 
 def order_box_corners(boxes: torch.Tensor) -> torch.Tensor:
@@ -241,6 +279,12 @@ class ULlavaPreTrainedModel(ModelCardHookMixin, PreTrainedModel):
         if isinstance(module, SamPositionalEmbedding):
             # SAM's random Fourier features: normal with std `scale`, as transformers' SamPreTrainedModel does.
             init.normal_(module.positional_embedding, std=module.scale)
+        loc_head = getattr(self, "loc_head", None)
+        if loc_head is not None and module is loc_head[-1]:
+            # Zero biases would start every box at the point (0.5, 0.5, 0.5, 0.5), where GIoU has no gradient and
+            # x1/x2 swap from sample to sample; start at a valid prior box instead (DETR-style reference box).
+            prior = torch.tensor(self.config.loc_prior_box, dtype=torch.float32)
+            init.copy_(module.bias, encode_location(prior, self.config.loc_box_activation).to(module.bias.dtype))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -620,8 +664,7 @@ class ULlavaForConditionalGeneration(ULlavaPreTrainedModel, GenerationMixin):
     ) -> tuple[torch.Tensor, torch.BoolTensor]:
         states, counts = self._special_states(input_ids, hidden_states, self.config.loc_token_id)
         flat = torch.cat(states)
-        raw = self.loc_head(self.loc_projector(flat))
-        boxes = raw.sigmoid() if self.config.loc_box_activation == "sigmoid" else raw
+        boxes = decode_location(self.loc_head(self.loc_projector(flat)), self.config.loc_box_activation)
         batch_size, max_count = input_ids.shape[0], max(counts)
         padded = boxes.new_zeros(batch_size, max_count, 4)
         mask = torch.zeros(batch_size, max_count, dtype=torch.bool, device=boxes.device)

@@ -18,6 +18,7 @@ from transformers import PreTrainedModel, SamImageProcessor
 from hf_regionmm.data.synthetic import decode_masks, generate_scenes, generate_videos, split_words, vocabulary_words
 from hf_regionmm.data.tiny_tokenizer import build_word_tokenizer
 from hf_regionmm.evaluation.ullava_eval import evaluate_ullava_checkpoint
+from hf_regionmm.hub.convert_ullava import convert_ullava_checkpoint
 from hf_regionmm.modeling.configuration_ullava import ULLAVA_NEW_TOKENS, ULlavaConfig
 from hf_regionmm.modeling.modeling_ullava import ULlavaForConditionalGeneration, ULlavaModel
 from hf_regionmm.processing import processing_ullava
@@ -248,6 +249,7 @@ ULLAVA_SYSTEM = register_system(
         card_template="ullava",
         demo=ullava_demo,
         evaluate=evaluate_ullava_checkpoint,
+        convert=convert_ullava_checkpoint,
         # CLIP and the SAM image encoder are frozen in both stages. The CLIP layers after `vision_feature_layer`, the
         # SAM prompt encoder's point/box/mask embeddings and the mask decoder's IoU head are unused by u-LLaVA
         # (a [SEG] prompt with single-mask output), so no gradient reaches them.
