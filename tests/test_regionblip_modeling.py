@@ -78,10 +78,11 @@ def _vit_params(c) -> int:
 
 
 def _qformer_params(c, adapters: int, rank: int) -> int:
-    h, i, e = c.hidden_size, c.intermediate_size, c.encoder_hidden_size
-    total = 2 * h
+    h, i, e, v = c.hidden_size, c.intermediate_size, c.encoder_hidden_size, c.vocab_size
+    # The text side: word + position tables, BERT's LM head (transform, LayerNorm, untied decoder with bias).
+    total = 2 * h + v * h + c.max_position_embeddings * h + (h * h + h) + 2 * h + (h * v + v)
     for index in range(c.num_hidden_layers):
-        total += 3 * (h * h + h) + (h * h + h) + 2 * h + (h * i + i) + (i * h + h) + 2 * h
+        total += 3 * (h * h + h) + (h * h + h) + 2 * h + 2 * ((h * i + i) + (i * h + h) + 2 * h)
         total += adapters * 2 * rank * (h + h)
         if index % c.cross_attention_frequency == 0:
             total += (h * h + h) + 2 * (e * h + h) + (h * h + h) + 2 * h
@@ -135,14 +136,16 @@ def test_paper_presets_build_on_meta_and_match_independent_counts(name):
         + (4 * 128 + 128 + 128 * q + q) + (24 * 128 + 128 + 128 * q + q)
         + 4 * (q * text + text)
         + (q * 4 + 4) + (q * 24 + 24)
+        + 5 * (q * 256 + 256) + (q * 2 + 2) + 1  # ITC projections (4 modalities + text), ITM head, temperature
         + llm
     )  # fmt: skip
     total = sum(p.numel() for p in model.parameters())
     assert total == expected
-    # Paper sizes: EVA ViT-g ~1.0B, Q-Former ~105M, Point-BERT ~22M, OPT-2.7B / Flan-T5-XL ~2.7-2.8B.
+    # Paper sizes: EVA ViT-g ~1.0B, Q-Former ~105M (+ ~105M text side, as LAVIS's BertLMHeadModel), Point-BERT
+    # ~22M, OPT-2.7B / Flan-T5-XL ~2.7-2.8B.
     assert 0.98e9 < sum(p.numel() for p in model.model.vision_tower.parameters()) < 1.0e9
     assert 21e6 < sum(p.numel() for p in model.model.point_encoder.parameters()) < 23e6
-    assert 3.8e9 < total < 4.1e9
+    assert 3.9e9 < total < 4.3e9
 
 
 def test_config_validation_errors():
@@ -189,9 +192,11 @@ def test_from_blip2_keeps_blip2_frozen_and_new_modalities_trainable(blip2_dir):
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     for name, _ in model.named_parameters():
         frozen_base = name.startswith(("model.vision_tower.", "model.point_encoder.", "lm_head.")) or (
-            name.startswith(("model.qformer.", "model.language_model.")) and ".lora_" not in name
+            name.startswith(("model.qformer.", "model.qformer_text.", "model.language_model."))
+            and ".lora_" not in name
         )
-        image_path = name in {"model.query_tokens.image"} or ".image." in name
+        # As released, the image modality's ITC projection (`stage1_proj_img`) is not part of the frozen BLIP-2 path.
+        image_path = name in {"model.query_tokens.image"} or (".image." in name and "vision_projections" not in name)
         assert (name in trainable) == (not frozen_base and not image_path), name
     assert "model.point_cloud_qformer.encoder.layer.0.attention.attention.key.weight" in trainable
     assert "model.query_tokens.point_cloud_region" in trainable
@@ -319,16 +324,18 @@ def test_pafe_is_added_to_every_query_before_the_qformer_layernorm(processor):
 def test_loss_is_lm_plus_lambda_l1_and_terms_are_always_logged(processor):
     model = _model(box_regression_loss_weight=0.5)
     inputs = example_inputs(processor, model.config)
-    outputs = model(**inputs)
+    lm_only = {k: v for k, v in inputs.items() if not k.startswith("qformer_")}
+    outputs = model(**lm_only)
     l1 = (outputs.box_predictions - inputs["region_boxes"]).abs().mean()
-    torch.testing.assert_close(outputs.loss_dict["box_regression_loss"], l1.detach())
-    torch.testing.assert_close(outputs.loss, outputs.loss_dict["lm_loss"] + 0.5 * l1)
+    torch.testing.assert_close(outputs.loss_dict["loss_reg"], l1.detach())
+    torch.testing.assert_close(outputs.loss, outputs.loss_dict["loss_lm"] + 0.5 * l1)
     logits = outputs.logits[:, :-1].reshape(-1, outputs.logits.shape[-1])
     lm = torch.nn.functional.cross_entropy(logits, inputs["labels"][:, 1:].reshape(-1), ignore_index=-100)
-    torch.testing.assert_close(outputs.loss_dict["lm_loss"], lm.detach())
-    image_outputs = model(**{k: v for k, v in inputs.items() if k != "region_boxes"})
+    torch.testing.assert_close(outputs.loss_dict["loss_lm"], lm.detach())
+    assert all(float(outputs.loss_dict[name]) == 0.0 for name in ("loss_itc", "loss_itm", "loss_itg"))
+    image_outputs = model(**{k: v for k, v in lm_only.items() if k != "region_boxes"})
     assert image_outputs.loss_dict.keys() == outputs.loss_dict.keys()
-    assert float(image_outputs.loss_dict["box_regression_loss"]) == 0.0
+    assert float(image_outputs.loss_dict["loss_reg"]) == 0.0
 
 
 def test_point_cloud_modalities_use_point_bert_and_the_point_cloud_qformer(processor):
@@ -395,7 +402,7 @@ def test_flan_t5_variant_trains_with_a_prefix_lm_loss(processor):
     outputs = model(**prompt, labels=labels)
     assert outputs.logits.shape == (2, labels.shape[1], t5["vocab_size"])
     expected = torch.nn.functional.cross_entropy(outputs.logits.reshape(-1, t5["vocab_size"]), labels.reshape(-1))
-    torch.testing.assert_close(outputs.loss_dict["lm_loss"], expected.detach())
+    torch.testing.assert_close(outputs.loss_dict["loss_lm"], expected.detach())
     lora = [n for n, m in model.model.language_model.named_modules() if isinstance(m, LoraLayer)]
     assert lora and all(n.endswith((".q", ".v")) for n in lora)
 
@@ -451,7 +458,8 @@ def test_trainer_logs_every_term_and_uses_the_released_optimiser(processor, tmp_
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logs) == 3
-    assert all({"loss_lm_loss", "loss_box_regression_loss"} <= set(entry) for entry in logs)
+    assert all({"loss_lm", "loss_reg", "loss_itc", "loss_itm", "loss_itg"} <= set(entry) for entry in logs)
+    assert any(entry["loss_itc"] > 0 and entry["loss_itg"] > 0 for entry in logs)
     assert not torch.equal(model.model.query_tokens["point_cloud"], before)
     torch.testing.assert_close(model.model.qformer.encoder.layer[0].attention.attention.key.weight, frozen_before)
     assert trainer.stage_parameter_counts["trainable"] > 0

@@ -6,6 +6,8 @@ RegionBLIP = a frozen BLIP-2 (EVA ViT-g vision tower, Q-Former, OPT or Flan-T5) 
 the Q-Former and in the LLM) and one LLM projection per modality, a frozen Point-BERT point encoder with a 384 -> ViT
 width adapter and, as in every released config, a second Q-Former for point clouds. Region modalities add PaFE: an
 MLP of the box (4 normalized xyxy numbers, or 24 numbers = 8 corners of a 3D box) added to every region query.
+Training adds BLIP-2's stage-1 losses on the Q-Former of every modality (section 3.2, eq. 2): ITC, ITM and ITG, which
+need the Q-Former's text side (BERT word/position embeddings, text feed-forward layers, LM head).
 
 Presets (`RegionBlipConfig.from_preset`): `regionblip-opt-2.7b`, `regionblip-opt-6.7b`, `regionblip-flant5-xl`,
 `regionblip-flant5-xxl` (paper sizes; HF BLIP-2 vocabularies, whose last ids hold the `<image>` placeholder) and
@@ -117,6 +119,9 @@ _PRESETS: dict[str, dict[str, Any]] = {
             "num_attention_heads": 2,
             "image_size": 56,
             "patch_size": 14,
+            # Blip2VisionConfig's default 1e-10 (set for converted checkpoints) would make a random tower output
+            # the same features for every image.
+            "initializer_range": 0.02,
         },
         "qformer_config": {
             "hidden_size": 32,
@@ -127,6 +132,7 @@ _PRESETS: dict[str, dict[str, Any]] = {
             "encoder_hidden_size": 32,
             "vocab_size": 64,
         },
+        "qformer_decoder_start_token_id": 63,
         "point_cloud_qformer_config": {
             "hidden_size": 32,
             "num_hidden_layers": 2,
@@ -192,9 +198,23 @@ class RegionBlipConfig(PreTrainedConfig):
     q_proj/v_proj (OPT) or q/v (T5) of the LLM; one adapter per modality, never merged):
         lora_rank, lora_alpha, lora_dropout.
 
-    Losses:
+    Losses (eq. 2: L = L_ITC + L_ITG + L_ITM + L_LLM + lambda * L_reg, every weight 1 as released):
         use_box_regression: add the auxiliary box-regression heads (`L_reg`, section 3.1, eq. 1).
         box_regression_loss_weight: lambda of eq. 2 (1.0).
+        language_model_loss_weight: weight of the LLM's LM loss (1.0).
+        use_itc, use_itm, use_itg: BLIP-2's stage-1 Q-Former losses, kept per modality by RegionBLIP (released
+            `_forward_modal_align`): image/point-cloud-text contrastive (max over the queries of the cosine similarity
+            with the text [CLS] feature, label smoothing `contrastive_label_smoothing`), matching (binary head on the
+            queries, in-batch hard negatives drawn from the ITC similarities) and grounded generation (Q-Former
+            captioning: text attends to the queries under a causal mask). Any of them adds the Q-Former text side
+            and sets `use_qformer_text_input` on both Q-Former configs (the text feed-forward layers).
+        itc_loss_weight, itm_loss_weight, itg_loss_weight: their weights (1.0).
+        itm_modalities: modalities that get the ITM loss; released: `("image",)` (`img_itm_head` only).
+        contrastive_embed_dim: width of the ITC projections (`stage1_proj_*`, 256).
+        contrastive_label_smoothing, qformer_caption_label_smoothing: 0.1 each, as released.
+        qformer_decoder_start_token_id: id that replaces the [CLS] of ITG captions (`[DEC]`, 30522 in LAVIS's
+            bert-base-uncased tokenizer); must lie in `qformer_config.vocab_size`.
+        qformer_max_text_length: Q-Former text tokens per caption (`max_txt_len`, 32).
 
     Freezing (released `freeze_vit`, `freeze_qformer`, `freeze_point_encoder`, `freeze_blip2_pretrain`):
         freeze_vision_tower, freeze_qformer (base weights of the image Q-Former), freeze_language_model (LLM base
@@ -225,6 +245,19 @@ class RegionBlipConfig(PreTrainedConfig):
     lora_dropout: float | int = 0.0
     use_box_regression: bool = True
     box_regression_loss_weight: float | int = 1.0
+    language_model_loss_weight: float | int = 1.0
+    use_itc: bool = True
+    use_itm: bool = True
+    use_itg: bool = True
+    itc_loss_weight: float | int = 1.0
+    itm_loss_weight: float | int = 1.0
+    itg_loss_weight: float | int = 1.0
+    itm_modalities: list[str] | tuple[str, ...] = ("image",)
+    contrastive_embed_dim: int = 256
+    contrastive_label_smoothing: float | int = 0.1
+    qformer_caption_label_smoothing: float | int = 0.1
+    qformer_decoder_start_token_id: int = 30522
+    qformer_max_text_length: int = 32
     freeze_vision_tower: bool = True
     freeze_qformer: bool = True
     freeze_language_model: bool = True
@@ -241,6 +274,12 @@ class RegionBlipConfig(PreTrainedConfig):
         self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", True))
         # Generation treats the whole model as an encoder-decoder when the LLM is one (Flan-T5).
         self.is_encoder_decoder = self.is_encoder_decoder_language_model
+        self.itm_modalities = list(self.itm_modalities)
+        if self.use_qformer_losses:
+            # The text half of every Q-Former layer (BERT's own feed-forward) exists only with this flag.
+            for qformer in (self.qformer_config, self.point_cloud_qformer_config):
+                if qformer is not None:
+                    qformer.use_qformer_text_input = True
         self._check_values()
 
     # ----------------------------------------------------------------------------------------------------------
@@ -272,6 +311,11 @@ class RegionBlipConfig(PreTrainedConfig):
         return bool(getattr(self.text_config, "is_encoder_decoder", False))
 
     @property
+    def use_qformer_losses(self) -> bool:
+        """True when any Q-Former loss (ITC, ITM, ITG) is on: the model then carries the Q-Former text side."""
+        return bool(self.use_itc or self.use_itm or self.use_itg)
+
+    @property
     def use_point_cloud_qformer(self) -> bool:
         return self.point_cloud_qformer_config is not None
 
@@ -293,7 +337,13 @@ class RegionBlipConfig(PreTrainedConfig):
     # validation
 
     def _check_values(self) -> None:
-        for name in ("num_query_tokens", "position_embedding_hidden_size", "lora_rank"):
+        for name in (
+            "num_query_tokens",
+            "position_embedding_hidden_size",
+            "lora_rank",
+            "contrastive_embed_dim",
+            "qformer_max_text_length",
+        ):
             value = getattr(self, name)
             if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"`{name}` must be an integer >= 1; got {value!r}.")
@@ -301,8 +351,31 @@ class RegionBlipConfig(PreTrainedConfig):
             raise ValueError(f"`lora_alpha` must be > 0; got {self.lora_alpha!r} (released: 1).")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"`lora_dropout` must be in [0, 1); got {self.lora_dropout!r}.")
-        if self.box_regression_loss_weight < 0:
-            raise ValueError(f"`box_regression_loss_weight` must be >= 0; got {self.box_regression_loss_weight!r}.")
+        for name in (
+            "box_regression_loss_weight",
+            "language_model_loss_weight",
+            "itc_loss_weight",
+            "itm_loss_weight",
+            "itg_loss_weight",
+        ):
+            if getattr(self, name) < 0:
+                raise ValueError(f"`{name}` must be >= 0; got {getattr(self, name)!r}.")
+        for name in ("contrastive_label_smoothing", "qformer_caption_label_smoothing"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"`{name}` must be in [0, 1); got {getattr(self, name)!r} (released: 0.1).")
+        if self.use_itm and not self.use_itc:
+            raise ValueError("`use_itm` needs `use_itc`: ITM draws its hard negatives from the ITC similarities.")
+        unknown = [m for m in self.itm_modalities if m not in MODALITIES]
+        if unknown:
+            raise ValueError(f"`itm_modalities` must be a subset of {MODALITIES}; got {self.itm_modalities!r}.")
+        if self.use_qformer_losses:
+            qformer_vocab = self.qformer_config.vocab_size
+            token = self.qformer_decoder_start_token_id
+            if not isinstance(token, numbers.Integral) or not 0 <= token < qformer_vocab:
+                raise ValueError(
+                    f"`qformer_decoder_start_token_id` must be an id in the Q-Former vocabulary [0, {qformer_vocab}); "
+                    f"got {token!r}. Use the id of the tokenizer's `[DEC]` token (30522 for LAVIS's BERT tokenizer)."
+                )
         model_type = getattr(self.text_config, "model_type", None)
         if model_type not in _LLM_LORA_TARGETS:
             raise ValueError(

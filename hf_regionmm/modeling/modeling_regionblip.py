@@ -17,6 +17,16 @@ Data flow, in the order of this file, for one batch of ONE modality (the paper's
    (`<image>` x 32 then the text, as HF BLIP-2); the LLM (OPT decoder, or T5 encoder-decoder with the queries and
    prefix in the encoder) carries one LoRA adapter per modality on q/v, selected together with the Q-Former's.
 
+Training (section 3.2, eq. 2) adds BLIP-2's stage-1 losses on the Q-Former of the batch's modality, as released
+(`_forward_modal_align`), when the batch carries Q-Former text (`qformer_input_ids`, e.g. from `RegionBlipCollator`):
+ITC (the text's [CLS] feature from the Q-Former's text side, `text_projection` to 256; the queries through
+`vision_projections[modality]`; similarity = max over the queries, learnable `temperature`), ITM (`itm_head` on the
+query outputs of a joint query + text pass, hard negatives drawn in-batch from the ITC similarities; released for the
+image modality only) and ITG (Q-Former captioning: `[DEC]` + caption attends to the queries and causally to itself,
+`qformer_text.lm_logits`). `qformer_text` (word + position embeddings, LM head) serves `qformer`,
+`point_cloud_qformer_text` serves `point_cloud_qformer`; both reuse the Q-Former layers and the active modality's
+LoRA, as transformers' `Blip2QFormerModel` runs text after the queries (`query_length`).
+
 With `modality="image"` and the image adapters untouched (LoRA B starts at zero and stays frozen with
 `freeze_image_modality`), outputs equal the BLIP-2 checkpoint's: `RegionBlipForConditionalGeneration.from_blip2`
 builds the model from a transformers `Blip2ForConditionalGeneration`.
@@ -29,13 +39,23 @@ m: img -> image, img_region -> image_region, pc -> point_cloud, pc_region -> poi
 `query_tokens_<m>` -> `model.query_tokens.<m>`, `opt_proj_<m>` / `t5_proj_<m>` -> `model.multi_modal_projector.<m>`,
 `img_region_posembed.{0,2}` / `pc_region_posembed.{0,2}` -> `model.region_position_embeddings.<m>.layers.{0,2}`,
 `reg_img_region` / `reg_pc_region` -> `model.box_heads.<m>`, `pc_adapter` -> `model.point_cloud_adapter`,
-`opt_model.model.decoder.` -> `model.language_model.decoder.`; the frozen parts come from the BLIP-2 and Point-BERT
-checkpoints (`from_blip2`).
+`opt_model.model.decoder.` -> `model.language_model.decoder.`; the Q-Former text side and ITC/ITM/ITG heads:
+`Qformer.bert.embeddings.word_embeddings` / `.position_embeddings` -> `model.qformer_text.word_embeddings` /
+`.position_embeddings` (`Qformer_pc.bert.` -> `model.point_cloud_qformer_text.`), `Qformer.bert.encoder.layer.N.
+intermediate.` / `.output.` -> `model.qformer.encoder.layer.N.intermediate.` / `.output.` (the text feed-forward; the
+query one keeps its `_query` names), `Qformer.cls.predictions.transform.dense` -> `model.qformer_text.lm_transform`,
+`Qformer.cls.predictions.transform.LayerNorm` -> `model.qformer_text.lm_layer_norm`, `Qformer.cls.predictions.decoder`
+(weight) and `Qformer.cls.predictions.bias` -> `model.qformer_text.lm_decoder` (weight, bias) (`Qformer_pc.cls.` ->
+`model.point_cloud_qformer_text.`), `stage1_proj_text` (BLIP-2: `text_proj`) -> `model.text_projection`,
+`stage1_proj_<m>` (BLIP-2: `vision_proj`, the image modality's) -> `model.vision_projections.<m>`, `img_itm_head`
+(BLIP-2: `itm_head`) -> `model.itm_head`, `temp` -> `model.temperature`; the frozen parts come from the BLIP-2 and
+Point-BERT checkpoints (`from_blip2`).
 
 Boxes are normalized xyxy in [0, 1] of the image (`region_boxes`, after truncating pixel boxes to whole pixels, as
 released) and 8 corners x xyz flattened corner by corner in the point cloud's frame (`region_boxes_3d`).
 """
 
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,10 +90,18 @@ __all__ = [
     "RegionBlipOutput",
     "RegionBlipPreTrainedModel",
     "RegionBlipQueryOutput",
+    "QFormerText",
+    "contrastive_loss",
     "infer_modality",
+    "qformer_text_inputs",
+    "sample_hard_negatives",
 ]
 
 _BOX_WIDTHS = {"image_region": 4, "point_cloud_region": 24}
+_QFORMER_LOSS_NAMES = ("loss_itc", "loss_itm", "loss_itg")
+_QFORMER_TEXT_FFN = re.compile(r"qformer\.encoder\.layer\.\d+\.(intermediate|output)\.")
+# BLIP-2 / LAVIS start the learnable ITC temperature at 0.07.
+_INITIAL_TEMPERATURE = 0.07
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -91,12 +119,15 @@ class RegionBlipQueryOutput(ModelOutput):
             1 + G Point-BERT tokens).
         box_predictions: `(B, 4)` normalized xyxy (image regions) or `(B, 24)` corners (point-cloud regions) from the
             box head; None for holistic modalities or without `use_box_regression`.
+        query_inputs: `(B, num_query_tokens, qformer hidden)` the queries fed to the Q-Former (with PaFE for regions),
+            which the ITM and ITG passes run again next to text.
     """
 
     query_embeddings: torch.FloatTensor | None = None
     query_output: torch.FloatTensor | None = None
     encoder_hidden_states: torch.FloatTensor | None = None
     box_predictions: torch.FloatTensor | None = None
+    query_inputs: torch.FloatTensor | None = None
 
 
 @dataclass
@@ -109,6 +140,7 @@ class RegionBlipModelOutput(ModelOutput):
         hidden_states, attentions: the LLM's, when requested.
         query_embeddings: `(B, num_query_tokens, text hidden)` (None on decode steps).
         box_predictions: see `RegionBlipQueryOutput`.
+        query_features: the whole `RegionBlipQueryOutput` of the batch (None on decode steps), for the Q-Former losses.
     """
 
     last_hidden_state: torch.FloatTensor | None = None
@@ -117,6 +149,7 @@ class RegionBlipModelOutput(ModelOutput):
     attentions: tuple[torch.FloatTensor, ...] | None = None
     query_embeddings: torch.FloatTensor | None = None
     box_predictions: torch.FloatTensor | None = None
+    query_features: RegionBlipQueryOutput | None = None
 
 
 @dataclass
@@ -124,10 +157,12 @@ class RegionBlipOutput(ModelOutput):
     """Output of `RegionBlipForConditionalGeneration.forward`.
 
     Args:
-        loss: scalar, `lm_loss + box_regression_loss_weight * box_regression_loss` when `labels` are given.
+        loss: scalar, eq. 2 with the config's weights: `loss_lm + lambda * loss_reg + loss_itc + loss_itm +
+            loss_itg`, when `labels` or `qformer_input_ids` are given.
         logits: `(B, L, vocab)` (L shortened by `logits_to_keep`; decoder length for T5).
-        loss_dict: detached unweighted terms, always the same keys: `lm_loss`, `box_regression_loss` (0 for
-            holistic modalities).
+        loss_dict: detached unweighted terms, always the same keys: `loss_lm` (LLM), `loss_reg` (L1 box regression, 0
+            for holistic modalities), `loss_itc`, `loss_itm`, `loss_itg` (0 without Q-Former text, when switched off,
+            or for ITM outside `itm_modalities`).
         other fields: as in `RegionBlipModelOutput`.
     """
 
@@ -220,6 +255,137 @@ def _check_region_boxes(boxes: Any, name: str, width: int, batch_size: int, norm
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Q-Former text side and the stage-1 losses (BLIP-2's ITC / ITM / ITG, section 3.2)
+
+
+def qformer_text_inputs(tokenizer: Any, texts: list[str], max_length: int = 32) -> dict[str, torch.Tensor]:
+    """Tokenize captions for the Q-Former's text side: `qformer_input_ids`, `qformer_attention_mask`, both `(B, T)`
+    long, right-padded to the longest caption, truncated to `max_length` (released `max_txt_len` 32).
+
+    The first token must be the tokenizer's [CLS] / BOS (BERT's tokenizer adds it): ITC reads its feature and ITG
+    replaces it with `[DEC]`.
+    """
+    if isinstance(texts, str) or not isinstance(texts, (list, tuple)) or not texts:
+        raise TypeError("`texts` must be a non-empty list of strings, one caption per sample.")
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"`texts[{index}]` must be a string; got {type(text).__name__}.")
+    encoded = tokenizer(
+        list(texts), padding="longest", truncation=True, max_length=max_length, padding_side="right",
+        return_tensors="pt",
+    )  # fmt: skip
+    first = int(encoded["input_ids"][0, 0])
+    if first not in set(tokenizer.all_special_ids):
+        raise ValueError(
+            "`tokenizer` must prepend a [CLS] / BOS token (its first id is the Q-Former's text feature); got a "
+            f"plain token id {first}. Use BERT's tokenizer (LAVIS: bert-base-uncased + `[DEC]`)."
+        )
+    return {"qformer_input_ids": encoded["input_ids"], "qformer_attention_mask": encoded["attention_mask"]}
+
+
+def contrastive_loss(similarity: torch.Tensor, label_smoothing: float = 0.1) -> torch.Tensor:
+    """Symmetric in-batch ITC loss: `similarity` `(B, B)` float, row i = sample i's queries against every text
+    (already divided by the temperature), the matching text on the diagonal. Returns the scalar mean of the
+    query-to-text and text-to-query cross entropies (label smoothing 0.1 as released)."""
+    if similarity.ndim != 2 or similarity.shape[0] != similarity.shape[1]:
+        raise ValueError(f"`similarity` must be a square (batch, batch) matrix; got {tuple(similarity.shape)}.")
+    targets = torch.arange(similarity.shape[0], device=similarity.device)
+    similarity = similarity.float()
+    return (
+        nn.functional.cross_entropy(similarity, targets, label_smoothing=label_smoothing)
+        + nn.functional.cross_entropy(similarity.t(), targets, label_smoothing=label_smoothing)
+    ) / 2
+
+
+@torch.no_grad()
+def sample_hard_negatives(
+    similarity: torch.Tensor, exclude: torch.Tensor | None = None, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Draw one in-batch negative per row, with probability softmax(similarity row) + 1e-4 (BLIP-2's ITM).
+
+    Args:
+        similarity: `(B, B)` float, row i against every candidate; the positive is the diagonal, never drawn.
+        exclude: optional `(B, B)` bool, candidates that must not be drawn either (e.g. another sample with the very
+            same caption, which would be a false negative); ignored for a row where it would leave no candidate.
+        generator: optional `torch.Generator` for reproducible draws.
+
+    Returns:
+        `(B,)` long, the chosen candidate index of every row (never the row's own index).
+    """
+    if similarity.ndim != 2 or similarity.shape[0] != similarity.shape[1] or similarity.shape[0] < 2:
+        raise ValueError(
+            f"`similarity` must be a square (batch, batch) matrix with batch >= 2 (in-batch negatives need a second "
+            f"sample); got {tuple(similarity.shape)}."
+        )
+    size = similarity.shape[0]
+    weights = torch.softmax(similarity.float(), dim=1) + 1e-4
+    diagonal = torch.eye(size, dtype=torch.bool, device=similarity.device)
+    weights = weights.masked_fill(diagonal, 0.0)
+    if exclude is not None:
+        if exclude.shape != similarity.shape:
+            raise ValueError(f"`exclude` must have the shape of `similarity` {tuple(similarity.shape)}.")
+        excluded = weights.masked_fill(exclude.to(weights.device), 0.0)
+        usable = excluded.sum(dim=1, keepdim=True) > 0
+        weights = torch.where(usable, excluded, weights)
+    return torch.multinomial(weights, 1, generator=generator).squeeze(1)
+
+
+def _joint_attention_mask(
+    query_length: int, text_mask: torch.Tensor, causal: bool, dtype: torch.dtype
+) -> torch.Tensor:
+    """Additive `(B, 1, Q + T, Q + T)` mask for one Q-Former pass over queries followed by text.
+
+    Bidirectional (ITM): every token sees the queries and the real text tokens. Causal (ITG, BLIP-2's multimodal
+    causal mask): queries see only queries, text token t sees all queries and text tokens <= t.
+    """
+    batch_size, text_length = text_mask.shape
+    length = query_length + text_length
+    keys = torch.cat([text_mask.new_ones(batch_size, query_length), text_mask], dim=1).bool()
+    allowed = keys[:, None, :].expand(batch_size, length, length).clone()
+    if causal:
+        allowed[:, :query_length, query_length:] = False
+        text_causal = torch.ones(text_length, text_length, dtype=torch.bool, device=text_mask.device).tril()
+        allowed[:, query_length:, query_length:] &= text_causal
+    mask = torch.zeros(batch_size, 1, length, length, dtype=dtype, device=text_mask.device)
+    return mask.masked_fill(~allowed[:, None], torch.finfo(dtype).min)
+
+
+class QFormerText(nn.Module):
+    """The text side of a Q-Former that transformers' `Blip2QFormerModel` leaves out (LAVIS `Qformer.bert.embeddings`
+    word + position tables and `Qformer.cls`, BERT's LM head). The embedding LayerNorm stays the Q-Former's own
+    `layernorm`, applied to queries and text together as in BERT.
+
+    `embed(input_ids (B, T) long) -> (B, T, hidden)`; `lm_logits(hidden (B, T, hidden)) -> (B, T, vocab)`.
+    """
+
+    def __init__(self, config: Any):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.lm_transform = nn.Linear(config.hidden_size, config.hidden_size)
+        self.lm_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.lm_decoder = nn.Linear(config.hidden_size, config.vocab_size)
+
+    def embed(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        vocab_size, max_length = self.word_embeddings.num_embeddings, self.position_embeddings.num_embeddings
+        if input_ids.ndim != 2 or input_ids.shape[1] > max_length:
+            raise ValueError(
+                f"`qformer_input_ids` must have shape (batch, T) with T <= {max_length}; got {tuple(input_ids.shape)}."
+            )
+        if bool((input_ids < 0).any()) or bool((input_ids >= vocab_size).any()):
+            raise ValueError(
+                f"`qformer_input_ids` must be ids of the Q-Former vocabulary [0, {vocab_size}); got ids up to "
+                f"{int(input_ids.max())}. Tokenize Q-Former text with the Q-Former's (BERT) tokenizer, not the LLM's."
+            )
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        return self.word_embeddings(input_ids) + self.position_embeddings(positions)[None]
+
+    def lm_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.lm_layer_norm(nn.functional.gelu(self.lm_transform(hidden_states)))
+        return self.lm_decoder(hidden_states)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Pre-trained model
 
 
@@ -235,7 +401,13 @@ class RegionBlipPreTrainedModel(ModelCardHookMixin, PreTrainedModel):
     _no_split_modules = ["PointBertBlock", "BoxPositionEmbedding"]
     _skip_keys_device_placement = "past_key_values"
     # The Q-Formers and queries stay in float32, as BLIP-2 keeps its Q-Former (and the released code its LoRA).
-    _keep_in_fp32_modules = ["query_tokens", "qformer", "point_cloud_qformer"]
+    _keep_in_fp32_modules = [
+        "query_tokens",
+        "qformer",
+        "point_cloud_qformer",
+        "qformer_text",
+        "point_cloud_qformer_text",
+    ]
     _supports_sdpa = True
     _supports_flash_attn = False
     _supports_flex_attn = False
@@ -248,6 +420,8 @@ class RegionBlipPreTrainedModel(ModelCardHookMixin, PreTrainedModel):
             # The new modalities' queries start as LAVIS draws BLIP-2's (from_blip2 then copies BLIP-2's in).
             for parameter in module.values():
                 init.normal_(parameter, mean=0.0, std=self.config.initializer_range)
+        if isinstance(module, RegionBlipModel) and module.temperature is not None:
+            init.constant_(module.temperature, _INITIAL_TEMPERATURE)
 
     @torch.no_grad()
     def initialize_weights(self) -> None:
@@ -303,6 +477,19 @@ class RegionBlipModel(RegionBlipPreTrainedModel):
             if config.use_box_regression
             else None
         )
+        # BLIP-2 stage-1 heads (released `stage1_proj_*`, `img_itm_head`, `temp`) and the Q-Former text sides.
+        use_text = config.use_qformer_losses
+        self.qformer_text = QFormerText(config.qformer_config) if use_text else None
+        self.point_cloud_qformer_text = (
+            QFormerText(config.point_cloud_qformer_config) if use_text and config.use_point_cloud_qformer else None
+        )
+        embed_dim = config.contrastive_embed_dim
+        self.vision_projections = (
+            nn.ModuleDict({m: nn.Linear(qformer_width, embed_dim) for m in MODALITIES}) if config.use_itc else None
+        )
+        self.text_projection = nn.Linear(qformer_width, embed_dim) if config.use_itc else None
+        self.temperature = nn.Parameter(torch.full((), _INITIAL_TEMPERATURE)) if config.use_itc else None
+        self.itm_head = nn.Linear(qformer_width, 2) if config.use_itm and config.itm_modalities else None
         self.language_model = AutoModel.from_config(config.text_config)
         self._inject_lora_adapters()
         self._apply_freezing()
@@ -348,7 +535,8 @@ class RegionBlipModel(RegionBlipPreTrainedModel):
             frozen_prefixes.append("point_encoder.")
         base_frozen = []
         if config.freeze_qformer:
-            base_frozen.append("qformer.")
+            # Released `freeze_qformer` freezes all of BLIP-2's Q-Former (BertLMHeadModel), text side included.
+            base_frozen += ["qformer.", "qformer_text."]
         if config.freeze_language_model:
             base_frozen.append("language_model.")
         if config.freeze_image_modality:
@@ -370,6 +558,16 @@ class RegionBlipModel(RegionBlipPreTrainedModel):
         if modality in POINT_CLOUD_MODALITIES and self.point_cloud_qformer is not None:
             return self.point_cloud_qformer
         return self.qformer
+
+    def qformer_text_for(self, modality: str) -> QFormerText:
+        """The text side (embeddings, LM head) of the Q-Former that serves `modality`."""
+        if self.qformer_text is None:
+            raise ValueError(
+                "This model has no Q-Former text side; build it with `use_itc`, `use_itm` or `use_itg` = True."
+            )
+        if modality in POINT_CLOUD_MODALITIES and self.point_cloud_qformer_text is not None:
+            return self.point_cloud_qformer_text
+        return self.qformer_text
 
     @property
     def active_modality(self) -> str | None:
@@ -527,7 +725,191 @@ class RegionBlipModel(RegionBlipPreTrainedModel):
             query_output=query_output,
             encoder_hidden_states=encoder_hidden_states,
             box_predictions=box_predictions,
+            query_inputs=queries,
         )
+
+    # ---- Q-Former text side and stage-1 losses ----------------------------------------------------------------
+
+    def _qformer_text_pass(
+        self,
+        modality: str,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor,
+        query_inputs: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        causal: bool = False,
+    ) -> torch.Tensor:
+        """One pass of `modality`'s Q-Former over `[queries; text]` (or text alone without `query_inputs`).
+
+        Returns the last hidden states `(B, Q + T, hidden)` (Q = 0 without queries). Queries cross-attend to
+        `encoder_hidden_states`; text never does (BLIP-2). `causal` gives ITG's multimodal causal mask.
+        """
+        qformer = self.qformer_for(modality)
+        text = self.qformer_text_for(modality)
+        text_embeddings = text.embed(input_ids)
+        if query_inputs is None:
+            return qformer(
+                query_embeds=text_embeddings, query_length=0, attention_mask=attention_mask
+            ).last_hidden_state
+        query_length = query_inputs.shape[1]
+        embeddings = torch.cat([query_inputs.to(text_embeddings.dtype), text_embeddings], dim=1)
+        mask = _joint_attention_mask(query_length, attention_mask, causal, embeddings.dtype)
+        encoder_mask = torch.ones(encoder_hidden_states.shape[:-1], dtype=torch.long, device=embeddings.device)
+        return qformer(
+            query_embeds=embeddings,
+            query_length=query_length,
+            attention_mask=mask,
+            encoder_hidden_states=encoder_hidden_states,
+            encoder_attention_mask=encoder_mask,
+        ).last_hidden_state
+
+    def get_text_features(
+        self, modality: str, qformer_input_ids: torch.LongTensor, qformer_attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """ITC text features: the [CLS] output of `modality`'s Q-Former (with its LoRA) on text alone, through
+        `text_projection`, L2-normalised. `qformer_input_ids` `(B, T)` from `qformer_text_inputs`; returns `(B, 256)`."""
+        if self.text_projection is None:
+            raise ValueError("Text features need the ITC heads; build the model with `use_itc=True`.")
+        self.set_modality(modality)
+        if qformer_attention_mask is None:
+            qformer_attention_mask = torch.ones_like(qformer_input_ids)
+        hidden = self._qformer_text_pass(modality, qformer_input_ids, qformer_attention_mask)
+        return nn.functional.normalize(self.text_projection(hidden[:, 0]), dim=-1)
+
+    def get_query_contrastive_features(self, modality: str, query_output: torch.Tensor) -> torch.Tensor:
+        """ITC query features: `(B, Q, qformer hidden)` query outputs through `vision_projections[modality]`,
+        L2-normalised, `(B, Q, 256)`."""
+        if self.vision_projections is None:
+            raise ValueError("Query features for ITC need the ITC heads; build the model with `use_itc=True`.")
+        return nn.functional.normalize(self.vision_projections[modality](query_output), dim=-1)
+
+    @staticmethod
+    def query_text_similarity(query_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        """Cosine similarity of every sample with every text, max over the queries (BLIP-2's ITC aggregation):
+        `(B, Q, D)` x `(T, D)` -> `(B, T)`."""
+        return torch.einsum("bqd,td->btq", query_features, text_features).amax(dim=-1)
+
+    def qformer_losses(
+        self,
+        modality: str,
+        query: RegionBlipQueryOutput,
+        qformer_input_ids: torch.LongTensor,
+        qformer_attention_mask: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """BLIP-2's stage-1 losses on `modality`'s Q-Former for one batch (released `_forward_modal_align`).
+
+        Args:
+            modality: the batch's modality (its adapters are active).
+            query: the batch's `RegionBlipQueryOutput` (from `get_query_features`).
+            qformer_input_ids: `(B, T)` long, the captions in the Q-Former vocabulary, [CLS] first.
+            qformer_attention_mask: `(B, T)`, 1 on real tokens.
+
+        Returns:
+            `{"loss_itc", "loss_itm", "loss_itg"}` scalars (unweighted; 0 where switched off, for ITM outside
+            `itm_modalities` or with a batch of one). Negatives are in-batch on this process (LAVIS gathers them
+            across GPUs).
+        """
+        config = self.config
+        batch_size = query.query_output.shape[0]
+        if qformer_input_ids.ndim != 2 or qformer_input_ids.shape[0] != batch_size:
+            raise ValueError(
+                f"`qformer_input_ids` must have shape (batch={batch_size}, T), one caption per sample; got "
+                f"{tuple(qformer_input_ids.shape)}."
+            )
+        if qformer_attention_mask is None:
+            qformer_attention_mask = torch.ones_like(qformer_input_ids)
+        if qformer_attention_mask.shape != qformer_input_ids.shape:
+            raise ValueError("`qformer_attention_mask` must have the shape of `qformer_input_ids`.")
+        zero = query.query_output.new_zeros((), dtype=torch.float32)
+        losses = dict.fromkeys(_QFORMER_LOSS_NAMES, zero)
+        if config.use_itc:
+            text_features = self.get_text_features(modality, qformer_input_ids, qformer_attention_mask)
+            query_features = self.get_query_contrastive_features(modality, query.query_output)
+            similarity = self.query_text_similarity(query_features, text_features.to(query_features.dtype))
+            similarity = similarity / self.temperature.clamp(min=1e-3)
+            losses["loss_itc"] = contrastive_loss(similarity, config.contrastive_label_smoothing)
+            # ITM draws its hard negatives from the ITC similarities (config validation ties ITM to ITC).
+            if config.use_itm and modality in config.itm_modalities and batch_size > 1:
+                losses["loss_itm"] = self._itm_loss(
+                    modality, query, qformer_input_ids, qformer_attention_mask, similarity.detach()
+                )
+        if config.use_itg:
+            losses["loss_itg"] = self._itg_loss(modality, query, qformer_input_ids, qformer_attention_mask)
+        return losses
+
+    def _itm_loss(
+        self,
+        modality: str,
+        query: RegionBlipQueryOutput,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor,
+        similarity: torch.Tensor,
+    ) -> torch.Tensor:
+        batch_size = input_ids.shape[0]
+        # Another sample with the very same caption is no negative (templated captions repeat within a batch).
+        same_text = (input_ids[:, None, :] == input_ids[None, :, :]).all(-1) & (
+            attention_mask[:, None, :] == attention_mask[None, :, :]
+        ).all(-1)
+        negative_samples = sample_hard_negatives(similarity.t(), exclude=same_text)  # a sample for every text
+        negative_texts = sample_hard_negatives(similarity, exclude=same_text)  # a text for every sample
+        text_ids = torch.cat([input_ids, input_ids, input_ids[negative_texts]])
+        text_mask = torch.cat([attention_mask, attention_mask, attention_mask[negative_texts]])
+        samples = torch.cat([torch.arange(batch_size, device=input_ids.device), negative_samples])
+        samples = torch.cat([samples, torch.arange(batch_size, device=input_ids.device)])
+        # Each sample keeps its own queries (PaFE of its own box) next to its own features.
+        hidden = self._qformer_text_pass(
+            modality,
+            text_ids,
+            text_mask,
+            query_inputs=query.query_inputs[samples],
+            encoder_hidden_states=query.encoder_hidden_states[samples],
+        )
+        logits = self.itm_head(hidden[:, : query.query_inputs.shape[1]]).mean(dim=1)
+        labels = torch.cat(
+            [torch.ones(batch_size, dtype=torch.long), torch.zeros(2 * batch_size, dtype=torch.long)]
+        ).to(logits.device)
+        return nn.functional.cross_entropy(logits.float(), labels)
+
+    def _itg_loss(
+        self, modality: str, query: RegionBlipQueryOutput, input_ids: torch.LongTensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        # `[DEC]` replaces [CLS]; running the queries again under the causal mask equals LAVIS's reuse of their
+        # cached keys / values (queries never see the text).
+        decoder_ids = input_ids.clone()
+        decoder_ids[:, 0] = self.config.qformer_decoder_start_token_id
+        hidden = self._qformer_text_pass(
+            modality,
+            decoder_ids,
+            attention_mask,
+            query_inputs=query.query_inputs,
+            encoder_hidden_states=query.encoder_hidden_states,
+            causal=True,
+        )
+        logits = self.qformer_text_for(modality).lm_logits(hidden[:, query.query_inputs.shape[1] :])
+        labels = decoder_ids.masked_fill(attention_mask == 0, -100)[:, 1:]
+        return nn.functional.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+            labels.reshape(-1),
+            ignore_index=-100,
+            label_smoothing=self.config.qformer_caption_label_smoothing,
+        )
+
+    @torch.no_grad()
+    def point_cloud_class_scores(
+        self,
+        point_clouds: torch.Tensor,
+        qformer_input_ids: torch.LongTensor,
+        qformer_attention_mask: torch.Tensor | None = None,
+        modality: str = "point_cloud",
+    ) -> torch.Tensor:
+        """Zero-shot point-cloud classification (released ModelNet40 protocol): `(B, N, 3)` clouds against `(C, T)`
+        tokenized class prompts -> `(B, C)` cosine scores, max over the queries."""
+        if modality != "point_cloud":
+            raise ValueError(f"`modality` must be 'point_cloud' for zero-shot classification; got {modality!r}.")
+        query = self.get_query_features(modality, point_clouds=point_clouds)
+        query_features = self.get_query_contrastive_features(modality, query.query_output)
+        text_features = self.get_text_features(modality, qformer_input_ids, qformer_attention_mask)
+        return self.query_text_similarity(query_features, text_features.to(query_features.dtype))
 
     # ---- LLM -------------------------------------------------------------------------------------------------
 
@@ -643,6 +1025,7 @@ class RegionBlipModel(RegionBlipPreTrainedModel):
             attentions=attentions,
             query_embeddings=None if query is None else query.query_embeddings,
             box_predictions=None if query is None else query.box_predictions,
+            query_features=query,
         )
 
 
@@ -736,6 +1119,45 @@ class RegionBlipForConditionalGeneration(RegionBlipPreTrainedModel, GenerationMi
         """See `RegionBlipModel.get_query_features`."""
         return self.model.get_query_features(modality, **inputs)
 
+    @torch.no_grad()
+    def classify_point_clouds(
+        self,
+        point_clouds: Any,
+        class_names: list[str],
+        processor: Any,
+        prompt_template: str = "a point cloud model of {}.",
+    ) -> torch.Tensor:
+        """Zero-shot point-cloud classification by Q-Former text features (released ModelNet40 protocol).
+
+        Args:
+            point_clouds: one `(N, 3)` xyz array per cloud (N >= `processor.num_points`), or the processed
+                `(B, num_points, 3)` float tensor.
+            class_names: C class names, each written into `prompt_template`.
+            processor: the model's `RegionBlipProcessor`; its `qformer_tokenizer` (BERT) tokenizes the prompts, or,
+                for checkpoints whose Q-Former shares the LLM vocabulary (the tiny preset), its `tokenizer`.
+            prompt_template: the released `"a point cloud model of {}."`.
+
+        Returns:
+            `(B, C)` float cosine scores (max over the queries); `argmax(-1)` is the predicted class.
+        """
+        if isinstance(class_names, str) or not class_names or not all(isinstance(n, str) for n in class_names):
+            raise TypeError("`class_names` must be a non-empty list of strings.")
+        if not isinstance(point_clouds, torch.Tensor):
+            point_clouds = processor(point_clouds=point_clouds, return_tensors="pt")["point_clouds"]
+        tokenizer = getattr(processor, "qformer_tokenizer", None) or processor.tokenizer
+        text = qformer_text_inputs(
+            tokenizer, [prompt_template.format(name) for name in class_names], self.config.qformer_max_text_length
+        )
+        was_training = self.training
+        self.eval()
+        try:
+            return self.model.point_cloud_class_scores(
+                point_clouds.to(self.device), text["qformer_input_ids"].to(self.device),
+                text["qformer_attention_mask"].to(self.device),
+            )  # fmt: skip
+        finally:
+            self.train(was_training)
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -753,6 +1175,8 @@ class RegionBlipForConditionalGeneration(RegionBlipPreTrainedModel, GenerationMi
         inputs_embeds: torch.FloatTensor | None = None,
         modality: str | None = None,
         image_sizes: torch.LongTensor | None = None,
+        qformer_input_ids: torch.LongTensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs: Any,
@@ -773,11 +1197,14 @@ class RegionBlipForConditionalGeneration(RegionBlipPreTrainedModel, GenerationMi
             modality: optional check; inferred from which inputs are present. Decode steps (no modality input) keep
                 the active adapters.
             image_sizes: `(B, 2)` original (height, width); unused by the model.
+            qformer_input_ids: `(B, T)` long, the captions in the Q-Former's (BERT) vocabulary with [CLS] first
+                (`qformer_text_inputs`); with them the Q-Former losses ITC / ITM / ITG are computed.
+            qformer_attention_mask: `(B, T)`, 1 on real Q-Former text tokens.
             logits_to_keep: compute logits for the last `logits_to_keep` positions only (0 = all).
 
         Returns:
-            `RegionBlipOutput`: `loss` = LM loss + lambda * L1 box regression (region modalities), `logits`,
-            `past_key_values`, `query_embeddings`, `box_predictions`, `loss_dict`.
+            `RegionBlipOutput`: `loss` = eq. 2 (LM loss + lambda * L1 box regression + ITC + ITM + ITG, with the
+            config's weights), `logits`, `past_key_values`, `query_embeddings`, `box_predictions`, `loss_dict`.
         """
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         is_encoder_decoder = self.config.is_encoder_decoder_language_model
@@ -807,22 +1234,48 @@ class RegionBlipForConditionalGeneration(RegionBlipPreTrainedModel, GenerationMi
         logits = self.lm_head(hidden_states)
 
         loss, loss_dict = None, None
-        if labels is not None:
-            vocab_size = self.config.text_config.vocab_size
-            if is_encoder_decoder:
-                lm_loss = nn.functional.cross_entropy(
-                    logits.float().reshape(-1, vocab_size), labels.reshape(-1).to(logits.device), ignore_index=-100
-                )
-            else:
-                lm_loss = self.loss_function(
-                    logits=logits, labels=labels, vocab_size=vocab_size, num_items_in_batch=num_items_in_batch
-                )
+        if labels is not None or qformer_input_ids is not None:
+            config = self.config
+            lm_loss = logits.new_zeros((), dtype=torch.float32)
+            if labels is not None:
+                vocab_size = config.text_config.vocab_size
+                if is_encoder_decoder:
+                    lm_loss = nn.functional.cross_entropy(
+                        logits.float().reshape(-1, vocab_size), labels.reshape(-1).to(logits.device), ignore_index=-100
+                    )
+                else:
+                    lm_loss = self.loss_function(
+                        logits=logits, labels=labels, vocab_size=vocab_size, num_items_in_batch=num_items_in_batch
+                    )
             box_loss = lm_loss.new_zeros(())
             if outputs.box_predictions is not None:
                 targets = region_boxes if region_boxes is not None else region_boxes_3d
                 box_loss = nn.functional.l1_loss(outputs.box_predictions.float(), targets.float())
-            loss = lm_loss + self.config.box_regression_loss_weight * box_loss
-            loss_dict = {"lm_loss": lm_loss.detach(), "box_regression_loss": box_loss.detach()}
+            qformer_losses = dict.fromkeys(_QFORMER_LOSS_NAMES, lm_loss.new_zeros(()))
+            if qformer_input_ids is not None:
+                if not config.use_qformer_losses:
+                    raise ValueError(
+                        "`qformer_input_ids` were given but the config switches ITC, ITM and ITG off; drop them or "
+                        "set `use_itc` / `use_itm` / `use_itg`."
+                    )
+                if outputs.query_features is None:
+                    raise ValueError(
+                        "`qformer_input_ids` need the batch's modality input (`pixel_values` or `point_clouds`)."
+                    )
+                modality = self.model.active_modality
+                qformer_losses = self.model.qformer_losses(
+                    modality, outputs.query_features, qformer_input_ids.to(logits.device),
+                    None if qformer_attention_mask is None else qformer_attention_mask.to(logits.device),
+                )  # fmt: skip
+            loss = (
+                config.language_model_loss_weight * lm_loss
+                + config.box_regression_loss_weight * box_loss
+                + config.itc_loss_weight * qformer_losses["loss_itc"]
+                + config.itm_loss_weight * qformer_losses["loss_itm"]
+                + config.itg_loss_weight * qformer_losses["loss_itg"]
+            )
+            loss_dict = {"loss_lm": lm_loss.detach(), "loss_reg": box_loss.detach()}
+            loss_dict.update({name: value.detach() for name, value in qformer_losses.items()})
 
         return RegionBlipOutput(
             loss=loss,
@@ -851,6 +1304,9 @@ class RegionBlipForConditionalGeneration(RegionBlipPreTrainedModel, GenerationMi
         """Modality inputs go to the prefill step only (every step without a KV cache); the adapters selected at
         prefill stay active for the decode steps."""
         modality_inputs = {name: kwargs.pop(name, None) for name in self._PREFILL_ONLY_INPUTS}
+        # Q-Former text only feeds the training losses; generation never needs it.
+        kwargs.pop("qformer_input_ids", None)
+        kwargs.pop("qformer_attention_mask", None)
         model_inputs = super().prepare_inputs_for_generation(
             input_ids,
             past_key_values=past_key_values,
@@ -907,6 +1363,10 @@ class RegionBlipForConditionalGeneration(RegionBlipPreTrainedModel, GenerationMi
             )
         blip2_config = blip2.config
         qformer_config = blip2_config.qformer_config.to_dict()
+        # transformers' BLIP-2 carries no Q-Former text side, so `[DEC]` only has to be a valid id of its vocabulary.
+        config_overrides.setdefault(
+            "qformer_decoder_start_token_id", min(30522, blip2_config.qformer_config.vocab_size - 1)
+        )
         config = RegionBlipConfig(
             vision_config=blip2_config.vision_config.to_dict(),
             qformer_config=qformer_config,
@@ -943,6 +1403,10 @@ class RegionBlipForConditionalGeneration(RegionBlipPreTrainedModel, GenerationMi
             for prefix, source_prefix in renames:
                 if name.startswith(prefix):
                     source_name = source_prefix + name[len(prefix) :].replace(".base_layer.", ".")
+                    if source_name not in source and _QFORMER_TEXT_FFN.search(name):
+                        # Blip2ForConditionalGeneration has no Q-Former text feed-forward (use_qformer_text_input
+                        # off); it keeps its initialisation until a LAVIS checkpoint is converted in.
+                        break
                     if source_name not in source:
                         raise ValueError(
                             f"BLIP-2 checkpoint lacks {source_name!r} (for {name!r}); from_blip2 needs a "

@@ -10,7 +10,9 @@ word-level tokenizer, so everything runs offline on a CPU in seconds.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,8 +26,14 @@ from hf_regionmm.data.synthetic import (
     vocabulary_words,
 )
 from hf_regionmm.data.tiny_tokenizer import build_word_tokenizer
+from hf_regionmm.evaluation.regionblip_eval import evaluate_regionblip_checkpoint
+from hf_regionmm.hub.convert_regionblip import convert_regionblip_checkpoint
 from hf_regionmm.modeling.configuration_regionblip import RegionBlipConfig
-from hf_regionmm.modeling.modeling_regionblip import RegionBlipForConditionalGeneration, RegionBlipModel
+from hf_regionmm.modeling.modeling_regionblip import (
+    RegionBlipForConditionalGeneration,
+    RegionBlipModel,
+    qformer_text_inputs,
+)
 from hf_regionmm.modeling.point_bert import PointBertConfig
 from hf_regionmm.processing.processing_regionblip import IMAGE_TOKEN, T5_PROMPTS, RegionBlipProcessor
 from hf_regionmm.registry import BadInputCase, SystemSpec, TrainingRecipe, register_system
@@ -62,10 +70,19 @@ def _tiny_image_token_index() -> int:
 
 
 def tiny_regionblip_config(**overrides: Any) -> RegionBlipConfig:
-    """`RegionBlipConfig.from_preset("regionblip-tiny")` with the vocabulary of the tiny tokenizer."""
+    """`RegionBlipConfig.from_preset("regionblip-tiny")` with the vocabulary of the tiny tokenizer.
+
+    The tiny Q-Formers share the word tokenizer with the LLM (there is no BERT tokenizer offline): their vocabulary is
+    the LLM's plus one `[DEC]` id at the end, which starts the Q-Former captions of ITG.
+    """
     image_token_index = _tiny_image_token_index()
     text_config = {"vocab_size": image_token_index + 1, **overrides.pop("text_config", {})}
+    qformer_vocab = {"vocab_size": image_token_index + 2}
+    for name in ("qformer_config", "point_cloud_qformer_config"):
+        if overrides.get(name, {}) is not None:
+            overrides[name] = {**qformer_vocab, **overrides.get(name, {})}
     overrides.setdefault("image_token_index", image_token_index)
+    overrides.setdefault("qformer_decoder_start_token_id", image_token_index + 1)
     return RegionBlipConfig.from_preset("regionblip-tiny", text_config=text_config, **overrides)
 
 
@@ -87,15 +104,20 @@ def _example_scenes() -> list[dict]:
 
 
 def example_inputs(processor: RegionBlipProcessor, config: RegionBlipConfig) -> dict:
-    """An image-region batch: two synthetic scenes, one object box each, its region caption as the label."""
+    """An image-region batch: two synthetic scenes, one object box each, its region caption as the label (LLM) and
+    as Q-Former text (ITC / ITG), as `RegionBlipCollator` builds training batches."""
     scenes = _example_scenes()
+    captions = [scene["region_captions"][0] for scene in scenes]
     inputs = processor(
         images=[scene["image"] for scene in scenes],
         boxes=[[scene["boxes"][0]] for scene in scenes],
-        captions=[scene["region_captions"][0] for scene in scenes],
+        captions=captions,
         return_tensors="pt",
     )
-    return dict(inputs)
+    inputs = dict(inputs)
+    if config.use_qformer_losses:
+        inputs.update(qformer_text_inputs(processor.tokenizer, captions, config.qformer_max_text_length))
+    return inputs
 
 
 def generation_inputs(processor: RegionBlipProcessor, config: RegionBlipConfig) -> dict:
@@ -225,6 +247,14 @@ def bad_inputs() -> list[BadInputCase]:
     ]
 
 
+def regionblip_demo_hook(output_dir: Path, progress: Callable[[str], None], **options: Any) -> dict[str, float]:
+    """`hf-regionmm demo` for RegionBLIP: see `hf_regionmm.systems.regionblip_demo.regionblip_demo` (imported on use,
+    since that module builds on this one)."""
+    from hf_regionmm.systems.regionblip_demo import regionblip_demo
+
+    return regionblip_demo(output_dir, progress, **options)
+
+
 REGIONBLIP_SYSTEM = register_system(
     SystemSpec(
         name="regionblip",
@@ -250,13 +280,19 @@ REGIONBLIP_SYSTEM = register_system(
             default_stage="pretrain",
         ),
         card_template="regionblip",
+        demo=regionblip_demo_hook,
+        evaluate=evaluate_regionblip_checkpoint,
+        convert=convert_regionblip_checkpoint,
         # The frozen BLIP-2 parts and Point-BERT, plus what the image-region example does not use: the image path
-        # (frozen: BLIP-2's queries, projection and image LoRA) and every point-cloud parameter.
+        # (frozen: BLIP-2's queries, projection and image LoRA), the ITM head (image modality only, as released) and
+        # every point-cloud parameter.
         frozen_parameter_patterns=(
             "model.vision_tower.",
             "model.point_encoder.",
             "model.point_cloud_adapter.",
             "model.point_cloud_qformer.",
+            "model.point_cloud_qformer_text.",
+            "model.itm_head.",
             "query_tokens.point_cloud",
             "point_cloud_region",
             ".point_cloud.",

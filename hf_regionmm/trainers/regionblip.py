@@ -7,11 +7,12 @@
 * Semi-hybrid schedule: data of all modalities are mixed in one data set, but every batch holds ONE modality (each
   needs its own encoder, queries and adapters); within an epoch the modalities' batches come one modality after the
   other ("sequential", as the paper) or shuffled ("interleaved").
-* Losses: LLM LM loss + lambda * L1 box regression (lambda = 1), logged by name as `lm_loss`, `box_regression_loss`
-  (both keys on every step; 0 for holistic modalities). The Q-Former-side ITC / ITM / ITG terms of eq. 2 are not
-  implemented: they need the Q-Former's text path (BERT embeddings, text feed-forward layers, LM head) and a BERT
-  tokenizer, which transformers' `Blip2ForConditionalGeneration` checkpoints -- what `from_blip2` starts from -- do
-  not carry.
+* Losses (eq. 2): `loss_itc + loss_itm + loss_itg + loss_lm + lambda * loss_reg` (all weights 1 as released),
+  logged by name on every step (0 where a term does not apply: `loss_reg` for holistic modalities, `loss_itm` outside
+  the config's `itm_modalities`, which are `("image",)` as released). ITC / ITM / ITG run on the Q-Former of the
+  batch's modality and need the captions in the Q-Former's vocabulary: `RegionBlipCollator` tokenizes them with the
+  processor's `qformer_tokenizer` (BERT) or, when the processor has none, its `tokenizer` (the tiny preset's
+  Q-Formers share the word tokenizer).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from ..modeling.modeling_regionblip import qformer_text_inputs
 from .region_trainer import RegionTrainer, TrainingStage, stage_by_name
 
 __all__ = [
@@ -46,6 +48,11 @@ REGIONBLIP_STAGES: tuple[TrainingStage, ...] = (
             "box_heads.",
             "point_cloud_adapter.",
             "point_cloud_qformer.",
+            "point_cloud_qformer_text.",
+            "vision_projections.",
+            "text_projection.",
+            "itm_head.",
+            "temperature",
             ".lora_",
         ),
         learning_rate=1e-4,
@@ -167,15 +174,38 @@ class RegionBlipCollator:
     """Batch one modality's examples through `RegionBlipProcessor` (captions -> `labels`).
 
     Image examples -> `pixel_values`, `image_sizes` (+ `region_boxes`); point-cloud examples -> `point_clouds`
-    (+ `region_boxes_3d`); always `input_ids`, `attention_mask`, `labels`. `augment` turns on the seeded point-cloud
-    augmentation (seed = `seed` + a running batch counter).
+    (+ `region_boxes_3d`); always `input_ids`, `attention_mask`, `labels`, and with `qformer_text` the captions for
+    the Q-Former losses: `qformer_input_ids`, `qformer_attention_mask` `(B, T)` (`qformer_text_inputs`, at most
+    `max_qformer_text_length` tokens). `augment` turns on the seeded point-cloud augmentation (seed = `seed` + a
+    running batch counter).
+
+    Args:
+        qformer_tokenizer: tokenizer of the Q-Former's vocabulary (BERT for released checkpoints); None uses the
+            processor's `qformer_tokenizer` if it has one, else its `tokenizer` (right for the tiny preset, whose
+            Q-Formers share the LLM's word vocabulary; the model rejects ids outside the Q-Former vocabulary).
+        qformer_text: False leaves the Q-Former text out (ITC / ITM / ITG are then 0).
     """
 
-    def __init__(self, processor: Any, augment: bool = False, seed: int = 0, prompts: dict[str, str] | None = None):
+    def __init__(
+        self,
+        processor: Any,
+        augment: bool = False,
+        seed: int = 0,
+        prompts: dict[str, str] | None = None,
+        qformer_tokenizer: Any | None = None,
+        qformer_text: bool = True,
+        max_qformer_text_length: int = 32,
+    ):
         self.processor = processor
         self.augment = augment
         self.seed = seed
         self.prompts = dict(prompts or {})
+        self.qformer_tokenizer = (
+            qformer_tokenizer or getattr(processor, "qformer_tokenizer", None) or processor.tokenizer
+            if qformer_text
+            else None
+        )
+        self.max_qformer_text_length = max_qformer_text_length
         self._calls = 0
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -208,7 +238,10 @@ class RegionBlipCollator:
                 return_tensors="pt",
             )
         self._calls += 1
-        return dict(batch)
+        batch = dict(batch)
+        if self.qformer_tokenizer is not None:
+            batch.update(qformer_text_inputs(self.qformer_tokenizer, captions, self.max_qformer_text_length))
+        return batch
 
 
 class RegionBlipTrainer(RegionTrainer):
