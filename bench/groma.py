@@ -257,8 +257,31 @@ def _latency_comparisons(quick: bool, generate_repeats: int, prefill_repeats: in
     with torch.inference_mode():
         proposer_seconds = _median_seconds(lambda: groma.model.propose_regions(vision_maps), prefill_repeats)
     share.extra["proposer_only_share"] = round(proposer_seconds / share.peer_seconds, 4)
+    share.extra.update(_prefill_gflop(groma, extra["groma_prompt_length"], num_regions))
     comparisons.append(share)
     return comparisons
+
+
+def _prefill_gflop(groma: GromaForConditionalGeneration, prompt_length: int, num_regions: int) -> dict[str, float]:
+    """Multiply-add FLOPs (x2) of the prefill's big matmuls/convs: the floor the region-encoder share cannot beat.
+
+    Region encoder: `fuse_rounds` 3x3 convs on every pyramid level plus one 3x3 conv per box and level on the
+    RoIAlign bins; LLM: 2 x (non-embedding parameters) per prompt token (attention scores excluded).
+    """
+    config = groma.config
+    embed_dim, bins = config.region_encoder_embed_dim, config.region_encoder_output_size**2
+    pixels = sum(size * size for size in config.region_feature_map_sizes)
+    fusion = config.region_encoder_fuse_rounds * pixels * embed_dim * embed_dim * 9 * 2
+    level_convs = num_regions * config.region_encoder_num_levels * bins * embed_dim * embed_dim * 9 * 2
+    language_model = groma.model.language_model
+    llm_parameters = sum(p.numel() for p in language_model.parameters()) - language_model.embed_tokens.weight.numel()
+    llm = 2 * llm_parameters * prompt_length
+    region_encoder = fusion + level_convs
+    return {
+        "region_encoder_gflop": round(region_encoder / 1e9, 2),
+        "llm_prefill_gflop": round(llm / 1e9, 2),
+        "region_encoder_flop_share_vs_llm": round(region_encoder / (region_encoder + llm), 3),
+    }
 
 
 def _median_seconds(fn, repeats: int) -> float:

@@ -265,3 +265,37 @@ def test_token_merge_module_keeps_options():
 def test_merge_rejects_bad_input(tokens, kwargs, error, match):
     with pytest.raises(error, match=match):
         merge_tokens_2d(tokens, **kwargs)
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("sampling_ratio", [1, 2, 3])
+def test_multiscale_roi_align_equals_torchvision_roi_align_per_level(aligned: bool, sampling_ratio: int):
+    """The vectorised pooler (one embedding_bag over all levels) reproduces torchvision's kernel, edge rules included."""
+    from torchvision.ops import roi_align
+
+    generator = torch.Generator().manual_seed(sampling_ratio + 10 * aligned)
+    features = [torch.randn(2, 5, 17, 13, generator=generator), torch.randn(2, 5, 9, 7, generator=generator)]
+    features.append(torch.randn(2, 5, 4, 4, generator=generator))
+    scales = (1.0, 0.5, 0.25)
+    boxes = [torch.rand(6, 4, generator=generator) * 24 - 4, torch.rand(3, 4, generator=generator) * 30 - 3]
+    boxes[0][0] = torch.tensor([0.0, 0.0, 16.0, 12.0])  # the whole map
+    boxes[0][1] = torch.tensor([3.0, 3.0, 3.0, 3.0])  # zero size
+    boxes[1][0] = torch.tensor([9.0, 8.0, 2.0, 1.0])  # inverted
+    pooler = MultiScaleRoIAlign(output_size=3, spatial_scales=scales, sampling_ratio=sampling_ratio, aligned=aligned)
+    pooled = pooler(features, boxes)
+    expected = torch.stack([roi_align(f, boxes, 3, s, sampling_ratio, aligned) for f, s in zip(features, scales)], 1)
+    assert pooled.shape == expected.shape == (9, 3, 5, 3, 3)
+    torch.testing.assert_close(pooled, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_multiscale_roi_align_gradient_equals_torchvision():
+    from torchvision.ops import roi_align
+
+    features = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    boxes = [torch.tensor([[1.0, 1.0, 6.0, 5.0], [5.0, 6.0, 2.0, 1.0]])]
+    weights = torch.randn(2, 1, 4, 2, 2, generator=torch.Generator().manual_seed(1))
+    (MultiScaleRoIAlign(output_size=2, spatial_scales=(1.0,))([features], boxes) * weights).sum().backward()
+    ours = features.grad.clone()
+    features.grad = None
+    (roi_align(features, boxes, 2, 1.0, 2, True).unsqueeze(1) * weights).sum().backward()
+    torch.testing.assert_close(ours, features.grad, atol=1e-6, rtol=1e-5)

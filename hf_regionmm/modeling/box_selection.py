@@ -26,6 +26,10 @@ def _check_selection_arguments(score_threshold: float, iou_threshold: float, max
         raise ValueError(f"`max_num` must be an integer >= 1 (the number of region slots to fill); got {max_num!r}.")
 
 
+def _is_float_tensor(value: object, ndim: int) -> bool:
+    return isinstance(value, torch.Tensor) and value.is_floating_point() and value.ndim == ndim
+
+
 def _check_scores(scores: torch.Tensor, expected_shape: tuple[int, ...], boxes_name: str) -> None:
     if not isinstance(scores, torch.Tensor):
         raise TypeError(f"`scores` must be a torch.Tensor; got {type(scores).__name__}.")
@@ -38,6 +42,18 @@ def _check_scores(scores: torch.Tensor, expected_shape: tuple[int, ...], boxes_n
         )
     if not bool(torch.isfinite(scores).all()):
         raise ValueError("`scores` contains NaN or inf; pass finite scores (e.g. sigmoid probabilities).")
+
+
+def _inputs_look_valid(boxes: torch.Tensor, scores: torch.Tensor) -> bool:
+    """One fused check (a single host sync) that the boxes are finite, not inverted, and the scores finite.
+
+    A NaN fails the ordering test and an inf makes the sum non-finite; a False (also from a sum overflowing on huge
+    but finite values) only sends the caller to the detailed validators, which raise with the offending box.
+    """
+    if boxes.shape[-1] != 4 or boxes.numel() == 0 or scores.shape != boxes.shape[:-1]:
+        return False
+    ordered = (boxes[..., 2:] >= boxes[..., :2]).all()
+    return bool(ordered & torch.isfinite(boxes.sum() + scores.sum()))
 
 
 def _select(
@@ -85,13 +101,14 @@ def select_boxes(
         Empty input gives an empty result.
     """
     _check_selection_arguments(score_threshold, iou_threshold, max_num)
-    validate_boxes(boxes, "boxes")
-    if boxes.ndim != 2:
-        raise ValueError(
-            f"`boxes` must have shape (N, 4) for one image; got {tuple(boxes.shape)}. "
-            f"Use batched_select_boxes for (B, N, 4)."
-        )
-    _check_scores(scores, (boxes.shape[0],), "boxes")
+    if not _is_float_tensor(boxes, 2) or not _is_float_tensor(scores, 1) or not _inputs_look_valid(boxes, scores):
+        validate_boxes(boxes, "boxes")
+        if boxes.ndim != 2:
+            raise ValueError(
+                f"`boxes` must have shape (N, 4) for one image; got {tuple(boxes.shape)}. "
+                f"Use batched_select_boxes for (B, N, 4)."
+            )
+        _check_scores(scores, (boxes.shape[0],), "boxes")
     return _select(boxes, scores, score_threshold, iou_threshold, max_num, keep_best_if_empty)
 
 
@@ -115,12 +132,13 @@ def batched_select_boxes(
         ``B`` int64 index tensors ``(K_b,)`` into ``boxes[b]``, each ordered by descending score.
     """
     _check_selection_arguments(score_threshold, iou_threshold, max_num)
-    validate_boxes(boxes, "boxes")
-    if boxes.ndim != 3:
-        raise ValueError(
-            f"`boxes` must have shape (B, N, 4); got {tuple(boxes.shape)}. Use select_boxes for a single image."
-        )
-    _check_scores(scores, tuple(boxes.shape[:2]), "boxes")
+    if not _is_float_tensor(boxes, 3) or not _is_float_tensor(scores, 2) or not _inputs_look_valid(boxes, scores):
+        validate_boxes(boxes, "boxes")
+        if boxes.ndim != 3:
+            raise ValueError(
+                f"`boxes` must have shape (B, N, 4); got {tuple(boxes.shape)}. Use select_boxes for a single image."
+            )
+        _check_scores(scores, tuple(boxes.shape[:2]), "boxes")
     return [
         _select(image_boxes, image_scores, score_threshold, iou_threshold, max_num, keep_best_if_empty)
         for image_boxes, image_scores in zip(boxes, scores)

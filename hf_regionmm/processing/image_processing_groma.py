@@ -52,6 +52,12 @@ def _is_single_image(image: object) -> bool:
     return isinstance(image, (np.ndarray, torch.Tensor)) and image.ndim in (2, 3)
 
 
+def _is_channels_last_view(tensor: torch.Tensor) -> bool:
+    """True for a (C, H, W) permuted view of a contiguous (H, W, C) array (what PIL and HWC arrays give)."""
+    channels, height, width = tensor.shape
+    return tensor.stride() == (1, width * channels, channels)
+
+
 def _check_square_size(size: SizeDict | None, do_resize: bool | None) -> None:
     if do_resize and (size is None or not size.height or not size.width or size.height != size.width):
         given = None if size is None else {key: value for key, value in dict(size).items() if value is not None}
@@ -144,8 +150,10 @@ class GromaImageProcessor(TorchvisionBackend):
         """Convert one image to a (3, H, W) tensor in its original resolution and dtype (RGB if `do_convert_rgb`)."""
         if isinstance(image, PIL.Image.Image):
             # PIL's own conversion, as `Image.open(...).convert("RGB")` in the released code: alpha is dropped.
-            array = np.asarray(image.convert("RGB") if do_convert_rgb else image)
-            tensor = torch.from_numpy(array.copy())
+            # (An RGB image is not converted: `convert` would only copy it.)
+            tensor = torch.from_numpy(
+                np.array(image.convert("RGB") if do_convert_rgb and image.mode != "RGB" else image)
+            )
             input_data_format = ChannelDimension.LAST if tensor.ndim == 3 else None
         elif isinstance(image, np.ndarray):
             if image.dtype == np.bool_ or not np.issubdtype(image.dtype, np.number):
@@ -187,10 +195,17 @@ class GromaImageProcessor(TorchvisionBackend):
         if tensor.shape[1] == 0 or tensor.shape[2] == 0:
             raise ValueError(f"`images`: got an empty image ({_describe(image)}).")
 
-        tensor = tensor.contiguous()
+        # An (H, W, C) input stays a channels-last view: torchvision's uint8 antialiased resize runs about twice as
+        # fast on that layout, and `resize` returns a contiguous image, so no transposing copy is needed here.
+        if not _is_channels_last_view(tensor):
+            tensor = tensor.contiguous()
         if device is not None:
             tensor = tensor.to(device)
         return tensor
+
+    def resize(self, image: torch.Tensor, size: SizeDict, **kwargs) -> torch.Tensor:
+        """Resize `(..., 3, H, W)` images (any memory layout) to `(..., 3, S, S)`; the result is contiguous."""
+        return super().resize(image, size, **kwargs).contiguous()
 
     def _validate_preprocess_kwargs(self, size: SizeDict | None = None, do_resize: bool | None = None, **kwargs):
         _check_square_size(size, do_resize)
@@ -209,6 +224,7 @@ class GromaImageProcessor(TorchvisionBackend):
                         f"`images` entry {index} is {height}x{width} but do_resize=False; Groma needs "
                         f"{size.height}x{size.width} inputs. Keep do_resize=True."
                     )
+            images = [image.contiguous() for image in images]  # `resize` is what makes channels-last views contiguous
         return_tensors = kwargs.get("return_tensors")
         outputs = super()._preprocess(images, do_resize=do_resize, size=size, **kwargs)
         if return_tensors == "pt":
