@@ -193,6 +193,15 @@ class ULlavaConfig(PreTrainedConfig):
     Losses (eq. 3): `ce_loss_weight` 1.0, `bce_loss_weight` 2.0, `dice_loss_weight` 0.5, `l1_loss_weight` 1.0,
     `giou_loss_weight` 1.0.
 
+    LoRA (section 4.1: stage II "2e-4 if LoRA is employed"; opt-in through
+    `ULlavaForConditionalGeneration.add_language_model_lora()` or `ULlavaTrainer(use_lora=True)`; the fields only size
+    it). The paper gives no sizes; the defaults are the released stage II LoRA recipe (`configs/train/ullava_lora.yaml`
+    `lora_r: 8` with `train_ullava.py`'s defaults, LISA's setting):
+        lora_rank: 8.
+        lora_alpha: 16.
+        lora_dropout: 0.05.
+        lora_target_modules: LLM linear layers that get LoRA, by module name: `("q_proj", "v_proj")`.
+
     Token ids (properties): `pad_token_id_new`, `image_patch_token_id`, `video_patch_token_id`, `image_start_token_id`,
     `image_end_token_id`, `video_start_token_id`, `video_end_token_id`, `seg_token_id`, `loc_token_id`,
     `tag_start_token_id`, `tag_end_token_id`; `new_token_id(token)` for any of them.
@@ -235,10 +244,16 @@ class ULlavaConfig(PreTrainedConfig):
     dice_loss_weight: float | int = 0.5
     l1_loss_weight: float | int = 1.0
     giou_loss_weight: float | int = 1.0
+    lora_rank: int = 8
+    lora_alpha: int | float = 16
+    lora_dropout: float | int = 0.05
+    lora_target_modules: list[str] | tuple[str, ...] = ("q_proj", "v_proj")
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
         self.loc_head_hidden_sizes = tuple(int(size) for size in self.loc_head_hidden_sizes)
+        if isinstance(self.lora_target_modules, (list, tuple)):
+            self.lora_target_modules = tuple(self.lora_target_modules)
         self.loc_prior_box = tuple(float(value) for value in self.loc_prior_box)
         super().__post_init__(**kwargs)
         self._check_values()
@@ -337,6 +352,11 @@ class ULlavaConfig(PreTrainedConfig):
         return self.num_video_frames + self.num_image_tokens
 
     @property
+    def language_lora_target_modules(self) -> tuple[str, ...]:
+        """LLM module names that get LoRA (`lora_target_modules`), read by `LanguageModelLoraMixin`."""
+        return tuple(self.lora_target_modules)
+
+    @property
     def sam_image_size(self) -> int:
         """Side of the square SAM input (1024)."""
         return self.sam_config.vision_config.image_size
@@ -376,6 +396,22 @@ class ULlavaConfig(PreTrainedConfig):
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"`{name}` must be one of {allowed}; got {getattr(self, name)!r}.")
+        if not isinstance(self.lora_rank, numbers.Integral) or isinstance(self.lora_rank, bool) or self.lora_rank < 1:
+            raise ValueError(f"`lora_rank` must be an integer >= 1; got {self.lora_rank!r} (released u-LLaVA: 8).")
+        if isinstance(self.lora_alpha, bool) or not self.lora_alpha > 0:
+            raise ValueError(f"`lora_alpha` must be > 0; got {self.lora_alpha!r} (released u-LLaVA: 16).")
+        if isinstance(self.lora_dropout, bool) or not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"`lora_dropout` must be in [0, 1); got {self.lora_dropout!r}.")
+        targets = self.lora_target_modules
+        if (
+            not isinstance(targets, tuple)
+            or not targets
+            or not all(isinstance(t, str) and t.isidentifier() for t in targets)
+        ):
+            raise ValueError(
+                "`lora_target_modules` must be a non-empty list of LLM module names such as ['q_proj', 'v_proj']; "
+                f"got {targets!r}."
+            )
         for name in ("ce_loss_weight", "bce_loss_weight", "dice_loss_weight", "l1_loss_weight", "giou_loss_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must be >= 0; got {getattr(self, name)!r}.")

@@ -20,13 +20,17 @@ Data flow, in the order of this file:
    white-padded square image (released `pad_normalize_xyxy`: pixel + centring offset, divided by max(height, width)).
    A fresh decoder starts at `config.loc_prior_box` for every input.
 5. Losses (eq. 3): CE (1.0) + mask BCE (2.0) + dice (0.5) + box L1 (1.0) + GIoU (1.0), every term in `loss_dict`.
+6. LoRA (section 4.1, stage II "if LoRA is employed"; `LanguageModelLoraMixin`): `add_language_model_lora` puts LoRA
+   on the LLM (released: r=8, alpha=16 on q/v) and keeps the modules stage II trains fully (projector, `seg_projector`,
+   `loc_projector`, `loc_head`, SAM's mask decoder) as `modules_to_save`, so one PEFT adapter folder holds all of it;
+   `merge_language_model_lora` folds it back into plain weights.
 
 SAM parts are transformers' own modules (`SamVisionEncoder`, `SamPromptEncoder`, `SamMaskDecoder`), so converted
 SAM weights keep transformers' SAM key names under `model.sam_*`.
 """
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -45,6 +49,7 @@ from transformers.utils import ModelOutput
 
 from .box_ops import generalized_box_iou, validate_boxes
 from .configuration_ullava import ULlavaConfig
+from .language_lora import LanguageModelLoraMixin
 from .mask_losses import bce_mask_loss, dice_loss
 from .model_card_hook import ModelCardHookMixin
 from .placeholder_tokens import suppress_placeholder_tokens
@@ -550,7 +555,7 @@ class ULlavaModel(ULlavaPreTrainedModel):
 # Head
 
 
-class ULlavaForConditionalGeneration(ULlavaPreTrainedModel, GenerationMixin):
+class ULlavaForConditionalGeneration(LanguageModelLoraMixin, ULlavaPreTrainedModel, GenerationMixin):
     """u-LLaVA with `lm_head`, the `[SEG]` mask head (`seg_projector` + SAM) and the `[LOC]` box head
     (`loc_projector` + `loc_head`).
 
@@ -563,6 +568,16 @@ class ULlavaForConditionalGeneration(ULlavaPreTrainedModel, GenerationMixin):
     """
 
     _tied_weights_keys: dict[str, str] = {}
+    # LoRA (`add_language_model_lora`): LoRA inside the LLM; the modules stage II trains fully are saved with the
+    # adapter (the released LoRA run also trains `lm_head` and the embeddings fully; here the base LLM stays frozen).
+    language_model_prefix: ClassVar[str] = "model.language_model"
+    lora_modules_to_save: ClassVar[tuple[str, ...]] = (
+        "model.multi_modal_projector",
+        "seg_projector",
+        "loc_projector",
+        "loc_head",
+        "model.sam_mask_decoder",
+    )
 
     def __init__(self, config: ULlavaConfig):
         super().__init__(config)

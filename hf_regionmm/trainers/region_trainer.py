@@ -8,11 +8,15 @@ things to `Trainer` and nothing else, so `accelerate launch`, checkpointing, res
 - every model output may carry `loss_dict: dict[str, Tensor]` (unweighted named terms); `RegionTrainer` averages each
   term over the optimisation steps since the last log, across processes, and logs it next to `loss`;
 - a `TrainingStage` names which parameters train (by substring patterns) plus the stage's optimiser settings;
-  `apply_training_stage` freezes everything else and returns a summary that tests and logs can check.
+  `apply_training_stage` freezes everything else and returns a summary that tests and logs can check;
+- `use_lora=True` (systems whose model has `LanguageModelLoraMixin` and whose trainer names `language_model_parts`):
+  the LLM trains through LoRA and every other trained module through the adapter's `modules_to_save` copy
+  (`language_model_lora_stage`), so the saved PEFT adapter holds everything the stage trains.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +25,18 @@ import torch
 from torch import nn
 from transformers import Trainer
 
-__all__ = ["RegionTrainer", "TrainingStage", "apply_training_stage", "stage_by_name", "trainable_parameter_names"]
+__all__ = [
+    "RegionTrainer",
+    "TrainingStage",
+    "apply_training_stage",
+    "language_model_lora_stage",
+    "prepare_language_model_lora",
+    "stage_by_name",
+    "trainable_parameter_names",
+]
+
+# Parameter-name patterns of the LLM's LoRA weights (peft: `<module>.lora_A.<adapter>.weight`).
+LORA_PARAMETER_PARTS = (".lora_A.", ".lora_B.")
 
 
 @dataclass(frozen=True)
@@ -99,6 +114,76 @@ def trainable_parameter_names(model: nn.Module) -> list[str]:
     return [name for name, parameter in model.named_parameters() if parameter.requires_grad]
 
 
+def language_model_lora_stage(
+    stage: TrainingStage, model: nn.Module, language_model_parts: Sequence[str]
+) -> TrainingStage:
+    """The LoRA variant of `stage`: the LLM (the patterns of `stage.trainable` listed in `language_model_parts`)
+    trains through its LoRA weights only (base weights, embeddings and `lm_head` frozen); every other trained pattern
+    must name a module the adapter keeps in `modules_to_save` and trains through that copy (peft keeps the original
+    frozen next to it), so the saved adapter holds everything the stage trains.
+
+    Raises a `ValueError` when the model has no LoRA in its LLM, or when a trained pattern names no module or a module
+    that is not in the adapter's `modules_to_save`.
+    """
+    from peft.utils import ModulesToSaveWrapper
+
+    has_lora = getattr(model, "has_language_model_lora", None)
+    if not callable(has_lora) or not has_lora():
+        raise ValueError(
+            f"Stage {stage.name!r} with LoRA needs LoRA layers in the LLM; call "
+            "`model.add_language_model_lora()` (or pass use_lora=True to the trainer)."
+        )
+    # A stage that keeps the LLM frozen (u-LLaVA's alignment stage) keeps its LoRA frozen too.
+    trains_language_model = any(pattern in language_model_parts for pattern in stage.trainable)
+    lora_parts = LORA_PARAMETER_PARTS if trains_language_model else ()
+    trainable: list[str] = []
+    for pattern in stage.trainable:
+        if pattern in language_model_parts:
+            continue
+        module_name = pattern.rstrip(".")
+        try:
+            module = model.get_submodule(module_name)
+        except AttributeError as error:
+            raise ValueError(
+                f"Stage {stage.name!r}: with LoRA every trainable pattern must name a module; {pattern!r} does not."
+            ) from error
+        if not isinstance(module, ModulesToSaveWrapper):
+            raise ValueError(
+                f"Stage {stage.name!r} trains `{module_name}`, but the LoRA adapter does not keep it in "
+                "`modules_to_save`, so a saved adapter would lose it; build the adapter with "
+                "`model.language_model_lora_config()` or add the module to `modules_to_save`."
+            )
+        trainable.append(f"{module_name}.modules_to_save.")
+    return dataclasses.replace(
+        stage,
+        trainable=(*trainable, *lora_parts),
+        frozen=(*stage.frozen, ".original_module."),
+        description=f"{stage.description}; LLM through LoRA",
+    )
+
+
+def prepare_language_model_lora(model: Any, use_lora: bool, lora_config: Any = None) -> None:
+    """Add the LLM's LoRA adapter for `use_lora` (`model.add_language_model_lora(lora_config)`, unless the model
+    already carries one); refuse a `lora_config` without `use_lora`, and a model with unmerged LoRA without it."""
+    if lora_config is not None and not use_lora:
+        raise ValueError("`lora_config` is given but `use_lora` is False; pass use_lora=True to train with LoRA.")
+    supports_lora = callable(getattr(model, "add_language_model_lora", None))
+    if use_lora and not supports_lora:
+        raise TypeError(
+            f"use_lora=True needs a model with LLM LoRA support (`add_language_model_lora`); "
+            f"{type(model).__name__} has none."
+        )
+    if not supports_lora:
+        return
+    if use_lora and not model.has_language_model_lora():
+        model.add_language_model_lora(lora_config)
+    elif not use_lora and model.has_language_model_lora():
+        raise ValueError(
+            "The model carries LoRA layers in its LLM; pass use_lora=True to train them, or merge them first "
+            "(`model.merge_language_model_lora()`)."
+        )
+
+
 class RegionTrainer(Trainer):
     """A `Trainer` that logs each named loss term of the model output next to the total loss.
 
@@ -115,14 +200,34 @@ class RegionTrainer(Trainer):
     optimizer is built from the parameters that require gradients). `self.stage_parameter_counts` holds
     `{"trainable": n, "frozen": m}`. Override `resolve_stage` to adapt a stage to the model (e.g. to name blocks
     that depend on the config).
+
+    LoRA: `use_lora=True` adds the model's LLM adapter (`model.add_language_model_lora(lora_config)`, unless it is
+    already there; `lora_config` defaults to `model.language_model_lora_config()`) before `Trainer` sees the model,
+    and every stage is trained through it (`language_model_lora_stage`): the stage patterns listed in the class
+    attribute `language_model_parts` are the LLM and train as LoRA, the others through their `modules_to_save`
+    copies. A trainer whose `language_model_parts` is empty refuses `use_lora=True`.
     """
 
     stages: tuple[TrainingStage, ...] = ()
     default_stage: str | None = None
+    # Stage patterns that are the LLM (its base weights, embeddings and head): under LoRA they train as LoRA only.
+    language_model_parts: tuple[str, ...] = ()
 
     def __init__(
-        self, *args: Any, stage: str | None = None, stages: Sequence[TrainingStage] | None = None, **kwargs: Any
+        self,
+        *args: Any,
+        stage: str | None = None,
+        stages: Sequence[TrainingStage] | None = None,
+        use_lora: bool = False,
+        lora_config: Any = None,
+        **kwargs: Any,
     ) -> None:
+        if (use_lora or lora_config is not None) and not self.language_model_parts:
+            raise ValueError(f"{type(self).__name__} has no LoRA recipe; leave `use_lora` / `lora_config` unset.")
+        model = kwargs.get("model", args[0] if args else None)
+        if self.language_model_parts and model is not None:
+            prepare_language_model_lora(model, use_lora, lora_config)
+        self.use_lora = use_lora
         super().__init__(*args, **kwargs)
         self._loss_term_sums: dict[str, torch.Tensor] = {}
         self._loss_term_count = 0
@@ -136,8 +241,11 @@ class RegionTrainer(Trainer):
             raise ValueError(f"{type(self).__name__} defines no training stages; got stage={stage!r}.")
 
     def resolve_stage(self, name: str) -> TrainingStage:
-        """The `TrainingStage` called `name` (subclasses may adapt it to the model)."""
-        return stage_by_name(self.stages, name)
+        """The `TrainingStage` called `name` (subclasses may adapt it to the model), through LoRA under `use_lora`."""
+        stage = stage_by_name(self.stages, name)
+        if self.use_lora:
+            return language_model_lora_stage(stage, self.model, self.language_model_parts)
+        return stage
 
     def set_stage(self, name: str) -> None:
         """Freeze/unfreeze the model for stage `name`; call before `train()`."""

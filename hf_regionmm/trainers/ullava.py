@@ -8,6 +8,14 @@
 AdamW with weight decay 0 in both stages. The released stage II config keeps the projector frozen; this recipe trains
 it with the rest of stage II, as the task brief asks (change `ULLAVA_STAGES` to reproduce the release).
 
+LoRA (section 4.1: stage II with LoRA, lr 2e-4): `ULlavaTrainer(..., use_lora=True)` adds the LLM adapter
+(`ULlavaForConditionalGeneration.add_language_model_lora`: released r=8, alpha=16, dropout 0.05 on q/v) and trains
+stage II through it: LoRA A/B inside the LLM, and the `modules_to_save` copies of the projector, `seg_projector`,
+`loc_projector`, `loc_head` and SAM's mask decoder; the LLM's base weights, embeddings and `lm_head` stay frozen (the
+released LoRA run also trains `lm_head` and `embed_tokens` fully). The saved checkpoint is one PEFT adapter
+(`hf_regionmm.hub.publish.save_adapter`). Set the learning rate yourself (`TrainingArguments(learning_rate=2e-4)`):
+the stage table holds the full fine-tuning value.
+
 Examples come from scenes in the synthetic schema (`hf_regionmm.data.synthetic.generate_scenes(with_masks=True)`,
 whose `ullava_instructions` carry RES/REC/salient/semantic prompts and `Sure. Mask: [SEG]; Location: [LOC]; ...`
 answers) and from `generate_videos` clips. `[SEG]` targets the union of the instruction's object masks, `[LOC]` the box
@@ -36,6 +44,9 @@ __all__ = [
     "ullava_example_from_scene",
 ]
 
+# Stage patterns that are the LLM: under `use_lora` they train as LoRA only.
+_LANGUAGE_MODEL_PARTS = ("model.language_model.", "lm_head.")
+
 ULLAVA_STAGES: tuple[TrainingStage, ...] = (
     TrainingStage(
         name="align",
@@ -47,8 +58,7 @@ ULLAVA_STAGES: tuple[TrainingStage, ...] = (
         name="instruct",
         trainable=(
             "model.multi_modal_projector.",
-            "model.language_model.",
-            "lm_head.",
+            *_LANGUAGE_MODEL_PARTS,
             "seg_projector.",
             "loc_projector.",
             "loc_head.",
@@ -156,8 +166,16 @@ class ULlavaCollator:
 class ULlavaTrainer(RegionTrainer):
     """`RegionTrainer` for u-LLaVA: freezes the model for the paper stage it trains (`"align"` or `"instruct"`).
 
+    Args:
+        use_lora: tune the LLM with LoRA (stage II's LoRA option): adds `model.add_language_model_lora(lora_config)`
+            unless the model already carries it, and trains the stage through the adapter (base LLM frozen, the
+            stage's other modules through their `modules_to_save` copies).
+        lora_config: a custom peft `LoraConfig` (default: `model.language_model_lora_config()`).
+        Other arguments: `RegionTrainer`'s (`stage=`) and `Trainer`'s.
+
     `self.stage_parameter_counts` holds `{"trainable": n, "frozen": m}` after freezing.
     """
 
     stages = ULLAVA_STAGES
     default_stage = "instruct"
+    language_model_parts = _LANGUAGE_MODEL_PARTS
