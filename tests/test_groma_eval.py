@@ -278,6 +278,10 @@ def test_quick_demo_writes_checkpoint_card_pictures_and_reloads(tmp_path: Path):
         assert (tmp_path / "pictures" / entry["grounded_caption_picture"]).is_file()
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["metrics"] == pytest.approx(metrics)
+    assert saved["recipe"]["shuffle_regions_in_training"] is False
+    assert 0.0 <= saved["rec_answers_naming_r0"] <= 1.0
+    # Slots may be shuffled in training only: the saved model keeps the deterministic order that `<rK>` answers index.
+    assert json.loads((checkpoint / "config.json").read_text())["shuffle_regions"] is False
 
     # The saved checkpoint, loaded through the Auto classes, reproduces the demo's final evaluation.
     model = AutoModelForImageTextToText.from_pretrained(checkpoint)

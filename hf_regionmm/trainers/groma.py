@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from transformers import Trainer, TrainerCallback
 
 from ..processing.processing_groma import (
     grounded_caption_prompt,
@@ -115,31 +116,61 @@ def groma_examples_from_scene(scene: dict[str, Any], task: str, rng: random.Rand
 
 
 class GromaTrainingDataset(torch.utils.data.Dataset):
-    """Groma training examples over a scene data set: sample i is task `tasks[i % len(tasks)]` of scene i.
+    """Groma training examples over a scene data set, varied per epoch: in epoch `e`, sample i is task
+    `tasks[(i + e) % len(tasks)]` of scene i.
 
-    Deterministic: the choice inside a task (which expression, which box) is seeded by `(seed, i)`. For the `det`
-    stage, pass `tasks=("detection",)`: examples are then `{"image", "detection_boxes"}` (pixel xyxy).
+    Deterministic: the choice inside a task (which expression, which box, which category) is seeded by
+    `(seed, epoch, i)`, so a scene that comes back in a later epoch shows another task and another expression, and a
+    given `(seed, epoch, i)` always gives the same example. `set_epoch(e)` selects the epoch, as `datasets` and
+    samplers do; `GromaTrainer` calls it at the start of every training epoch. For the `det` stage, pass
+    `tasks=("detection",)`: examples are then `{"image", "detection_boxes"}` (pixel xyxy).
     """
 
     def __init__(self, scenes: Any, tasks: Sequence[str] = GROMA_TASKS, seed: int = 0) -> None:
-        if not tasks:
-            raise ValueError("`tasks` must name at least one task.")
+        if not tasks or isinstance(tasks, str):
+            raise ValueError(f"`tasks` must be a non-empty sequence of task names, e.g. {GROMA_TASKS}; got {tasks!r}.")
         unknown = set(tasks) - {*GROMA_TASKS, "detection"}
         if unknown:
             raise ValueError(f"`tasks` has unknown entries {sorted(unknown)}; use {(*GROMA_TASKS, 'detection')}.")
         self.scenes = scenes
         self.tasks = tuple(tasks)
         self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose tasks and choices `__getitem__` returns (an integer >= 0)."""
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"`epoch` must be an integer >= 0; got {epoch!r}.")
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.scenes)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         scene = self.scenes[index]
-        task = self.tasks[index % len(self.tasks)]
+        task = self.tasks[(index + self.epoch) % len(self.tasks)]
         if task == "detection":
             return {"image": scene["image"], "detection_boxes": [list(b) for b in scene["boxes"]], "task": task}
-        return groma_examples_from_scene(scene, task, random.Random(self.seed * 1_000_003 + index))
+        # A string seed hashes deterministically (random.Random uses SHA-512 for str), unlike Python's hash().
+        return groma_examples_from_scene(scene, task, random.Random(f"{self.seed}/{self.epoch}/{index}"))
+
+
+class _DatasetEpochCallback(TrainerCallback):
+    """Call `train_dataset.set_epoch(epoch)` at the start of every epoch.
+
+    `Trainer` forwards the epoch to the sampler only (accelerate's `DataLoaderShard.set_epoch` skips the data set when
+    the sampler takes it), so without this every epoch would repeat the same examples. The iterator of an epoch (and
+    non-persistent workers, which copy the data set) is created after `on_epoch_begin`, so the new epoch is seen.
+    `state.epoch` is the float progress; it equals the finished epoch count at an epoch's start, also after resuming.
+    """
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+
+    def on_epoch_begin(self, args, state, control, **kwargs) -> None:
+        dataset = self.trainer.train_dataset
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(int(state.epoch or 0))
 
 
 class GromaCollator:
@@ -195,8 +226,13 @@ class GromaTrainer(RegionTrainer):
     `stage=`: `"det"`, `"align"` or `"instruct"` (default; see the module docstring). The stage's learning rate and
     weight decay are the paper's; `hf-regionmm train groma --stage S` puts them into the `TrainingArguments`.
     `stages=` overrides the stage table (to experiment). `self.stage_parameter_counts` holds
-    `{"trainable": n, "frozen": m}` after freezing.
+    `{"trainable": n, "frozen": m}` after freezing. A training set with `set_epoch` (`GromaTrainingDataset`) gets
+    the epoch number at the start of every epoch.
     """
 
     stages = GROMA_STAGES
     default_stage = "instruct"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.add_callback(_DatasetEpochCallback(self))
