@@ -408,7 +408,7 @@ def test_failure_while_writing_leaves_no_partial_folder(tmp_path, source_model, 
     def broken_card(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("hf_regionmm.hub.convert_ullava.write_model_card", broken_card)
+    monkeypatch.setattr("hf_regionmm.hub.conversion.write_model_card", broken_card)
     with pytest.raises(OSError, match="disk full"):
         convert_ullava_checkpoint(release, tmp_path / "out", num_video_frames=4)
     _assert_nothing_written(tmp_path, tmp_path / "out")

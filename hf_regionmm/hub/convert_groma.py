@@ -48,10 +48,7 @@ permutation, so `<rK>` indices are reproducible; the set of regions and their fe
 from __future__ import annotations
 
 import json
-import os
 import pickle
-import shutil
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -61,7 +58,7 @@ import torch
 from safetensors.torch import load_file as load_safetensors_file
 from transformers import AutoTokenizer
 
-from hf_regionmm.hub.model_card import write_model_card
+from hf_regionmm.hub.conversion import check_destination, check_loading_info, write_converted_checkpoint
 from hf_regionmm.modeling.configuration_groma import GROMA_BASE_NEW_TOKENS, RELEASED_BEHAVIOUR, GromaConfig
 from hf_regionmm.modeling.modeling_groma import GromaForConditionalGeneration
 from hf_regionmm.processing.image_processing_groma import GromaImageProcessor
@@ -591,16 +588,6 @@ def _build_processor(source: Path, config: GromaConfig) -> GromaProcessor | None
     )
 
 
-def _check_destination(destination: Path, source: Path) -> None:
-    if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
-        raise ValueError(
-            f"`destination` {destination} already exists and is not an empty folder; pass a new path (the converter "
-            "never overwrites files)."
-        )
-    if destination.resolve() == source.resolve():
-        raise ValueError("`destination` must differ from `source`; the original checkpoint is never modified.")
-
-
 def convert_groma_checkpoint(
     source: str | Path,
     destination: str | Path,
@@ -632,7 +619,7 @@ def convert_groma_checkpoint(
     destination = Path(destination)
     if not source.is_dir():
         raise ValueError(f"`source` {source} is not a folder; pass the downloaded groma-7b-* checkpoint folder.")
-    _check_destination(destination, source)
+    check_destination(destination, source)
     if config is None:
         config_path = source / "config.json"
         if not config_path.is_file():
@@ -659,33 +646,18 @@ def convert_groma_checkpoint(
         None, config=config, state_dict=state_dict, dtype=target_dtype, output_loading_info=True
     )
     del state_dict
-    problems = {name: sorted(values) for name, values in loading_info.items() if values}
-    if problems:
-        raise ValueError(f"Loading the converted weights was not exact: {problems}. Nothing was written.")
+    check_loading_info(loading_info)
 
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.converting-", dir=destination.parent))
-    try:
-        model.save_pretrained(staging)
-        if processor is not None:
-            processor.save_pretrained(staging)
-        write_model_card(
-            staging,
-            "groma",
-            model_id=destination.name,
-            tags=["converted"],
-            training_summary=(
-                "Converted from the original FoundationVision/Groma release with `hf-regionmm convert groma`; the "
-                "released behaviour (single-level proposer on the mean of the last 4 DINOv2 layers, cxcywh RoIAlign "
-                "boxes, half strides, transformers-4.32 position interpolation) is kept, so outputs match the "
-                "original."
-            ),
-        )
-        _check_destination(destination, source)
-        if destination.exists():
-            destination.rmdir()
-        os.replace(staging, destination)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return destination
+    return write_converted_checkpoint(
+        model,
+        processor,
+        destination,
+        source,
+        system="groma",
+        training_summary=(
+            "Converted from the original FoundationVision/Groma release with `hf-regionmm convert groma`; the "
+            "released behaviour (single-level proposer on the mean of the last 4 DINOv2 layers, cxcywh RoIAlign "
+            "boxes, half strides, transformers-4.32 position interpolation) is kept, so outputs match the "
+            "original."
+        ),
+    )

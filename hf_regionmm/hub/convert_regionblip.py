@@ -63,11 +63,8 @@ import functools
 import json
 import logging
 import math
-import os
 import pickle
 import re
-import shutil
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -76,7 +73,7 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, BlipImageProcessor, PreTrainedModel
 
-from hf_regionmm.hub.model_card import write_model_card
+from hf_regionmm.hub.conversion import check_destination, check_loading_info, write_converted_checkpoint
 from hf_regionmm.modeling.configuration_regionblip import MODALITIES, RegionBlipConfig
 from hf_regionmm.modeling.modeling_regionblip import RegionBlipForConditionalGeneration
 from hf_regionmm.modeling.point_bert import PointBertModel
@@ -592,16 +589,6 @@ def _build_processor(tokenizer: Any, blip2: Any, config: RegionBlipConfig) -> Re
     )
 
 
-def _check_destination(destination: Path, source: Path) -> None:
-    if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
-        raise ValueError(
-            f"`destination` {destination} already exists and is not an empty folder; pass a new path (the converter "
-            "never overwrites files)."
-        )
-    if destination.resolve() == source.resolve() or source.resolve().is_relative_to(destination.resolve()):
-        raise ValueError("`destination` must not hold `source`; the original checkpoint is never modified.")
-
-
 def _resolve_source_folder(source: Path, blip2: Any, point_bert: Any) -> tuple[Path, Any, Any]:
     """A folder `source` holds one `.pth` release, optionally `blip2/` and `point_bert_pretrained.pt` beside it."""
     if not source.is_dir():
@@ -659,7 +646,7 @@ def convert_regionblip_checkpoint(
     """
     source, blip2, point_bert = _resolve_source_folder(Path(source), blip2, point_bert)
     destination = Path(destination)
-    _check_destination(destination, source)
+    check_destination(destination, source)
     if config is not None and not isinstance(config, RegionBlipConfig):
         raise TypeError(f"`config` must be a RegionBlipConfig or None; got {type(config).__name__}.")
     target_dtype = _resolve_dtype(dtype)
@@ -699,32 +686,17 @@ def convert_regionblip_checkpoint(
         None, config=config, state_dict=state_dict, dtype=target_dtype, output_loading_info=True
     )
     del state_dict, blip2_model
-    problems = {name: sorted(values) for name, values in loading_info.items() if values}
-    if problems:
-        raise ValueError(f"Loading the converted weights was not exact: {problems}. Nothing was written.")
+    check_loading_info(loading_info)
 
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.converting-", dir=destination.parent))
-    try:
-        model.save_pretrained(staging)
-        if processor is not None:
-            processor.save_pretrained(staging)
-        write_model_card(
-            staging,
-            "regionblip",
-            model_id=destination.name,
-            tags=["converted"],
-            training_summary=(
-                "Converted from a released mightyzau/RegionBLIP (LAVIS) checkpoint with `hf-regionmm convert "
-                "regionblip`: the trained weights (point-cloud Q-Former, per-modality LoRA, queries, projections, "
-                "PaFE) on top of the BLIP-2 and Point-BERT weights it was trained from, so outputs match the original."
-            ),
-        )
-        _check_destination(destination, source)
-        if destination.exists():
-            destination.rmdir()
-        os.replace(staging, destination)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return destination
+    return write_converted_checkpoint(
+        model,
+        processor,
+        destination,
+        source,
+        system="regionblip",
+        training_summary=(
+            "Converted from a released mightyzau/RegionBLIP (LAVIS) checkpoint with `hf-regionmm convert "
+            "regionblip`: the trained weights (point-cloud Q-Former, per-modality LoRA, queries, projections, "
+            "PaFE) on top of the BLIP-2 and Point-BERT weights it was trained from, so outputs match the original."
+        ),
+    )

@@ -66,8 +66,6 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import shutil
-import tempfile
 import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -78,7 +76,7 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from hf_regionmm.hub.model_card import write_model_card
+from hf_regionmm.hub.conversion import check_destination, check_loading_info, write_converted_checkpoint
 from hf_regionmm.modeling.configuration_tap import TapConfig
 from hf_regionmm.modeling.modeling_tap import TapModel, default_concept_bank, relative_position_index
 from hf_regionmm.processing.image_processing_tap import TapImageProcessor
@@ -781,16 +779,6 @@ def _resolve_source(source: Path, model_type: str | None) -> tuple[Path, Path | 
     return newest[0], bank if bank.is_file() else None
 
 
-def _check_destination(destination: Path, source: Path) -> None:
-    if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
-        raise ValueError(
-            f"`destination` {destination} already exists and is not an empty folder; pass a new path (the converter "
-            "never overwrites files)."
-        )
-    if destination.resolve() == source.resolve():
-        raise ValueError("`destination` must differ from `source`; the original checkpoint is never modified.")
-
-
 def _warn(message: str) -> None:
     warnings.warn(message, TapConversionWarning, stacklevel=3)
 
@@ -834,7 +822,7 @@ def convert_tap_checkpoint(
     source = Path(source)
     destination = Path(destination)
     weights_path, default_bank = _resolve_source(source, model_type)
-    _check_destination(destination, source)
+    check_destination(destination, source)
     concepts_path = Path(concepts) if concepts is not None else default_bank
 
     weights = load_tap_weights(weights_path)
@@ -875,9 +863,7 @@ def convert_tap_checkpoint(
         None, config=config, state_dict=state_dict, dtype=target_dtype, output_loading_info=True
     )
     del state_dict
-    problems = {name: sorted(values) for name, values in loading_info.items() if values}
-    if problems:
-        raise ValueError(f"Loading the converted weights was not exact: {problems}. Nothing was written.")
+    check_loading_info(loading_info)
 
     _warn(
         "TAP v1.x -> hf_regionmm TapModel: the BGR normalization (pixel_mean / pixel_rsig) moved to the image "
@@ -901,32 +887,20 @@ def convert_tap_checkpoint(
             "SentencePiece text_tokenizer.model (converted to an HF tokenizer) to build a TapProcessor for captions."
         )
 
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.converting-", dir=destination.parent))
-    try:
-        model.save_pretrained(staging)
-        if loaded_tokenizer is not None:
-            TapProcessor(image_processor, loaded_tokenizer, max_caption_length=config.text_max_length).save_pretrained(
-                staging
-            )
-        else:
-            image_processor.save_pretrained(staging)
-        write_model_card(
-            staging,
-            "tap",
-            model_id=destination.name,
-            tags=["converted"],
-            training_summary=(
-                f"Converted ({size}) from the original baaivision/tokenize-anything release ({weights_path.name}) "
-                "with `hf-regionmm convert tap`; the mapping and the remaining numerical deviations are listed in "
-                "hf_regionmm/hub/convert_tap.py."
-            ),
-        )
-        _check_destination(destination, source)
-        if destination.exists():
-            destination.rmdir()
-        os.replace(staging, destination)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return destination
+    processor = (
+        TapProcessor(image_processor, loaded_tokenizer, max_caption_length=config.text_max_length)
+        if loaded_tokenizer is not None
+        else image_processor  # no caption tokenizer: the image processor alone, as before
+    )
+    return write_converted_checkpoint(
+        model,
+        processor,
+        destination,
+        source,
+        system="tap",
+        training_summary=(
+            f"Converted ({size}) from the original baaivision/tokenize-anything release ({weights_path.name}) "
+            "with `hf-regionmm convert tap`; the mapping and the remaining numerical deviations are listed in "
+            "hf_regionmm/hub/convert_tap.py."
+        ),
+    )

@@ -44,10 +44,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -56,8 +53,8 @@ import torch
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerFast, SamImageProcessor
 
+from hf_regionmm.hub.conversion import check_destination, check_loading_info, write_converted_checkpoint
 from hf_regionmm.hub.convert_groma import _load_weight_file, load_released_state_dict
-from hf_regionmm.hub.model_card import write_model_card
 from hf_regionmm.modeling.configuration_ullava import ULLAVA_NEW_TOKENS, ULlavaConfig
 from hf_regionmm.modeling.modeling_ullava import ULlavaForConditionalGeneration
 from hf_regionmm.processing.image_processing_ullava import ULlavaImageProcessor
@@ -604,16 +601,6 @@ def _build_processor(tokenizer_source: Path, config: ULlavaConfig) -> ULlavaProc
     )
 
 
-def _check_destination(destination: Path, source: Path) -> None:
-    if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
-        raise ValueError(
-            f"`destination` {destination} already exists and is not an empty folder; pass a new path (the converter "
-            "never overwrites files)."
-        )
-    if destination.resolve() == source.resolve():
-        raise ValueError("`destination` must differ from `source`; the original checkpoint is never modified.")
-
-
 def _read_released_config(source: Path) -> dict[str, Any] | None:
     config_path = (source if source.is_dir() else source.parent) / "config.json"
     if not config_path.is_file():
@@ -666,7 +653,7 @@ def convert_ullava_checkpoint(
     destination = Path(destination)
     if not source.exists():
         raise ValueError(f"`source` {source} does not exist; pass a checkpoint folder or a weight file.")
-    _check_destination(destination, source)
+    check_destination(destination, source)
     if config is not None and not isinstance(config, ULlavaConfig):
         raise TypeError(f"`config` must be a ULlavaConfig or None; got {type(config).__name__}.")
     if tokenizer is not None and not isinstance(tokenizer, (str, Path, bool)):
@@ -700,37 +687,17 @@ def convert_ullava_checkpoint(
         )
     del state_dict
     allowed_missing = set() if has_location_heads else set(_location_keys(model.state_dict()))
-    problems = {
-        name: sorted(set(values) - (allowed_missing if name == "missing_keys" else set()))
-        for name, values in loading_info.items()
-        if values
-    }
-    problems = {name: values for name, values in problems.items() if values}
-    if problems:
-        raise ValueError(f"Loading the converted weights was not exact: {problems}. Nothing was written.")
+    check_loading_info(loading_info, allowed_missing)
 
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.converting-", dir=destination.parent))
-    try:
-        model.save_pretrained(staging)
-        if processor is not None:
-            processor.save_pretrained(staging)
-        write_model_card(
-            staging,
-            "ullava",
-            model_id=destination.name,
-            tags=["converted"],
-            training_summary=(
-                "Converted from the original OPPOMKLab/u-LLaVA release with `hf-regionmm convert ullava`; the "
-                "released behaviour (the [SEG]/[LOC] state of the preceding token, raw location-decoder outputs) is "
-                "kept, so outputs match the original."
-            ),
-        )
-        _check_destination(destination, source)
-        if destination.exists():
-            destination.rmdir()
-        os.replace(staging, destination)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return destination
+    return write_converted_checkpoint(
+        model,
+        processor,
+        destination,
+        source,
+        system="ullava",
+        training_summary=(
+            "Converted from the original OPPOMKLab/u-LLaVA release with `hf-regionmm convert ullava`; the "
+            "released behaviour (the [SEG]/[LOC] state of the preceding token, raw location-decoder outputs) is "
+            "kept, so outputs match the original."
+        ),
+    )
