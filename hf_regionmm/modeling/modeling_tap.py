@@ -41,9 +41,6 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig
-from peft.tuners.tuners_utils import BaseTunerLayer
-from peft.utils import ModulesToSaveWrapper
 from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -56,6 +53,7 @@ from transformers.models.sam.modeling_sam import SamFeedForward, SamLayerNorm, S
 from transformers.utils import ModelOutput
 
 from .configuration_tap import TAP_PAD_LABEL, TapChatConfig, TapConfig
+from .language_lora import LanguageModelLoraMixin
 from .mask_losses import MaskLoss
 from .model_card_hook import ModelCardHookMixin
 from .placeholder_tokens import suppress_placeholder_tokens
@@ -345,6 +343,7 @@ class TapPromptEncoder(nn.Module):
         self.point_embed = nn.Embedding(5, config.embed_dim)
         # Random Fourier features; a checkpoint must carry its own matrix (it is not re-drawn on load).
         self.register_buffer("coord_matrix", torch.zeros(2, config.embed_dim // 2), persistent=True)
+        self.point_embed.unit_init = True
 
     def encode_coordinates(self, coordinates: torch.Tensor) -> torch.Tensor:
         """`coordinates`: `(..., 2)` float `(x, y)` in [0, 1] -> `(..., embed_dim)` `[sin r, cos r]`, with
@@ -396,6 +395,8 @@ class TapImageDecoder(nn.Module):
         self.semantic_tokens = nn.Embedding(self.num_outputs, embed_dim)
         self.iou_token = nn.Embedding(1, embed_dim)
         self.mask_tokens = nn.Embedding(self.num_outputs, embed_dim)
+        for tokens in (self.semantic_tokens, self.iou_token, self.mask_tokens):
+            tokens.unit_init = True
         self.upscale_conv1 = nn.ConvTranspose2d(embed_dim, embed_dim // 4, kernel_size=2, stride=2)
         self.upscale_layer_norm = SamLayerNorm(embed_dim // 4, data_format="channels_first")
         self.upscale_conv2 = nn.ConvTranspose2d(embed_dim // 4, embed_dim // 8, kernel_size=2, stride=2)
@@ -649,7 +650,14 @@ class TapPreTrainedModel(ModelCardHookMixin, PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        if isinstance(module, TapPromptEncoder):
+        if isinstance(module, nn.Embedding) and getattr(module, "unit_init", False):
+            # SAM and TAP build the decoder's output tokens and the prompt label embeddings with PyTorch's N(0, 1)
+            # default. At transformers' std 0.02 they are ~50x smaller than the unit-scale Fourier prompt features:
+            # the first decoder self-attention (which has no residual) then gives all 9 output tokens the same
+            # uniform average, so semantic, mask and IoU tokens start indistinguishable and never learn to look at
+            # the prompted region (measured: token->image attention inside the object 0.10 = its area share).
+            init.normal_(module.weight, mean=0.0, std=1.0)
+        elif isinstance(module, TapPromptEncoder):
             init.normal_(module.coord_matrix, mean=0.0, std=1.0)
         elif isinstance(module, TapConceptHead):
             bank = module.concept_embeddings
@@ -1293,10 +1301,12 @@ class TapChatModel(TapChatPreTrainedModel):
         )
 
 
-class TapChatForConditionalGeneration(TapChatPreTrainedModel, GenerationMixin):
+class TapChatForConditionalGeneration(LanguageModelLoraMixin, TapChatPreTrainedModel, GenerationMixin):
     """TAP-v2-Chat: `TapChatModel` + the LLM head; `generate` answers USER/ASSISTANT prompts about an image."""
 
     _tied_weights_keys: ClassVar[dict[str, str]] = {}
+    language_model_prefix: ClassVar[str] = "model.language_model"
+    lora_modules_to_save: ClassVar[tuple[str, ...]] = ("model.multi_modal_projector",)
 
     def __init__(self, config: TapChatConfig) -> None:
         super().__init__(config)
@@ -1314,89 +1324,14 @@ class TapChatForConditionalGeneration(TapChatPreTrainedModel, GenerationMixin):
         return self.model.get_image_features(pixel_values, **kwargs)
 
     # ---- LoRA (section 3.2 "Training methods": the LLM is tuned with LoRA, the last k ViT blocks and the projector
-    # ---- fully) ------------------------------------------------------------------------------------------------
+    # ---- fully; `LanguageModelLoraMixin` adds, saves and merges it) -----------------------------------------------
 
     def trained_module_names(self) -> list[str]:
         """Names of the modules every TAP-Chat stage trains besides the LLM: the projector and the last
         `num_trainable_vision_blocks` ViT blocks (`model.vision_tower.layers.{i}`)."""
         depth = self.config.vision_config.vision_num_hidden_layers
         first = depth - self.config.num_trainable_vision_blocks
-        return ["model.multi_modal_projector", *(f"model.vision_tower.layers.{i}" for i in range(first, depth))]
-
-    def language_model_lora_config(self) -> LoraConfig:
-        """The peft `LoraConfig` of TAP-Chat: LoRA (`config.lora_rank`, `lora_alpha`, `lora_dropout`) on the LLM
-        modules `config.language_lora_target_modules` (the attention projections by default), and the projector plus
-        the last k ViT blocks as `modules_to_save`, so the adapter also holds their trained copies."""
-        targets = "|".join(self.config.language_lora_target_modules)
-        return LoraConfig(
-            r=self.config.lora_rank,
-            lora_alpha=self.config.lora_alpha,
-            lora_dropout=self.config.lora_dropout,
-            # A regex on full module names keeps LoRA inside the LLM (the ViT has `proj`/`fc1` layers too).
-            target_modules=rf"model\.language_model\..*\.({targets})",
-            modules_to_save=self.trained_module_names(),
-        )
-
-    def add_language_model_lora(self, lora_config: LoraConfig | None = None, adapter_name: str = "default") -> None:
-        """Add a LoRA adapter to the LLM (transformers' PEFT integration, `self.add_adapter`) and activate it.
-
-        Args:
-            lora_config: defaults to `language_model_lora_config()`. A custom config should keep the projector and the
-                last ViT blocks in `modules_to_save`, or the adapter would not hold what the stage trains (the
-                trainers check this).
-            adapter_name: peft adapter name.
-
-        Every base weight keeps its value; LoRA B starts at zero, so the outputs are unchanged until training. Save the
-        adapter with `hf_regionmm.hub.publish.save_adapter` (or `save_pretrained`, which then writes only the
-        adapter) and load it onto the base checkpoint with `load_adapter` or `AutoModelForImageTextToText`.
-        """
-        if lora_config is None:
-            lora_config = self.language_model_lora_config()
-        if not isinstance(lora_config, LoraConfig):
-            raise TypeError(f"`lora_config` must be a peft LoraConfig; got {type(lora_config).__name__}.")
-        if getattr(self, "_hf_peft_config_loaded", False) and adapter_name in self.peft_config:
-            raise ValueError(
-                f"The model already has an adapter {adapter_name!r}; pass another `adapter_name` or merge it first "
-                "(`merge_language_model_lora()`)."
-            )
-        self.add_adapter(lora_config, adapter_name=adapter_name)
-
-    def has_language_model_lora(self) -> bool:
-        """Whether LoRA layers sit inside the LLM (unmerged)."""
-        return any(isinstance(module, BaseTunerLayer) for module in self.model.language_model.modules())
-
-    def merge_language_model_lora(self) -> None:
-        """Fold the active adapter into plain weights: LoRA deltas are added to the LLM's linear layers and every
-        `modules_to_save` module is replaced by its trained copy; the adapters are removed, so `save_pretrained` writes
-        a full checkpoint with the same outputs."""
-        if not getattr(self, "_hf_peft_config_loaded", False):
-            raise ValueError("The model has no adapter to merge; add one with `add_language_model_lora()`.")
-        if len(self.active_adapters()) != 1:
-            raise ValueError(
-                f"Merge one adapter at a time; active adapters: {self.active_adapters()}. Choose with `set_adapter`."
-            )
-        wrapped = [
-            name for name, module in self.named_modules() if isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper))
-        ]
-        replaced: list[str] = []
-        for name in wrapped:
-            if any(name.startswith(prefix + ".") for prefix in replaced):
-                continue  # inside a module already swapped for its merged copy
-            replaced.append(name)
-            parent_name, _, child_name = name.rpartition(".")
-            module = self.get_submodule(name)
-            if isinstance(module, ModulesToSaveWrapper):
-                merged = module.unload_and_optionally_merge_module(merge=True, safe_merge=False, adapter_names=None)
-            else:
-                module.merge()
-                merged = module.get_base_layer()
-            setattr(self.get_submodule(parent_name), child_name, merged)
-        del self.peft_config
-        self._hf_peft_config_loaded = False
-        # `load_adapter` leaves its key renamings (`base_model.model.` prefix, `lora_*.<adapter>`) in
-        # `_weight_conversions`, which `save_pretrained` reverts on the merged, adapter-free weights; TAP-Chat has no
-        # conversions of its own, so drop them.
-        self._weight_conversions = None
+        return [*self.lora_modules_to_save, *(f"model.vision_tower.layers.{i}" for i in range(first, depth))]
 
     def forward(
         self,

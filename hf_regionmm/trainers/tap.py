@@ -35,7 +35,13 @@ from trl import SFTTrainer
 from ..data.synthetic import decode_masks
 from ..modeling.modeling_tap import TapImageSegmentationOutput
 from ..processing.processing_tap import caption_prompt, chat_prompt
-from .region_trainer import RegionTrainer, TrainingStage, apply_training_stage, stage_by_name
+from .region_trainer import (
+    RegionTrainer,
+    TrainingStage,
+    apply_training_stage,
+    language_model_lora_stage,
+    stage_by_name,
+)
 
 __all__ = [
     "TAP_CHAT_STAGES",
@@ -341,8 +347,6 @@ class TapTrainer(RegionTrainer):
 LAST_VISION_BLOCKS = "{last_vision_blocks}"
 _LANGUAGE_MODEL_PARTS = ("model.language_model.", "lm_head.")
 _CHAT_PARTS = ("model.multi_modal_projector.", *_LANGUAGE_MODEL_PARTS, LAST_VISION_BLOCKS)
-# Parameter-name patterns of the LLM's LoRA weights (peft: `<module>.lora_A.<adapter>.weight`).
-_LORA_PARTS = (".lora_A.", ".lora_B.")
 
 TAP_CHAT_STAGES: tuple[TrainingStage, ...] = (
     TrainingStage(
@@ -374,45 +378,15 @@ def _expand_vision_blocks(stage: TrainingStage, model: torch.nn.Module) -> Train
 
 
 def lora_stage(stage: TrainingStage, model: torch.nn.Module) -> TrainingStage:
-    """The LoRA variant of a TAP-Chat stage: the LLM trains through its LoRA weights only (base weights, embeddings
-    and `lm_head` frozen), every other trained module through its `modules_to_save` copy (peft keeps the original
-    frozen next to it), so the saved adapter holds everything the stage trains.
+    """The LoRA variant of a TAP-Chat stage (`language_model_lora_stage` after naming the last k ViT blocks): the LLM
+    trains through its LoRA weights only (base weights, embeddings and `lm_head` frozen), every other trained module
+    through its `modules_to_save` copy (peft keeps the original frozen next to it), so the saved adapter holds
+    everything the stage trains.
 
     Raises a `ValueError` when the model has no LoRA in its LLM or when a trained module is not in the adapter's
     `modules_to_save`.
     """
-    from peft.utils import ModulesToSaveWrapper
-
-    stage = _expand_vision_blocks(stage, model)
-    if not model.has_language_model_lora():
-        raise ValueError(
-            f"Stage {stage.name!r} with LoRA needs LoRA layers in the LLM; call "
-            "`model.add_language_model_lora()` (or pass use_lora=True to the trainer)."
-        )
-    trainable: list[str] = []
-    for pattern in stage.trainable:
-        if pattern in _LANGUAGE_MODEL_PARTS:
-            continue
-        module_name = pattern.rstrip(".")
-        try:
-            module = model.get_submodule(module_name)
-        except AttributeError as error:
-            raise ValueError(
-                f"Stage {stage.name!r}: with LoRA every trainable pattern must name a module; {pattern!r} does not."
-            ) from error
-        if not isinstance(module, ModulesToSaveWrapper):
-            raise ValueError(
-                f"Stage {stage.name!r} trains `{module_name}`, but the LoRA adapter does not keep it in "
-                "`modules_to_save`, so a saved adapter would lose it; build the adapter with "
-                "`model.language_model_lora_config()` or add the module to `modules_to_save`."
-            )
-        trainable.append(f"{module_name}.modules_to_save.")
-    return dataclasses.replace(
-        stage,
-        trainable=(*trainable, *_LORA_PARTS),
-        frozen=(*stage.frozen, ".original_module."),
-        description=f"{stage.description}; LLM through LoRA",
-    )
+    return language_model_lora_stage(_expand_vision_blocks(stage, model), model, _LANGUAGE_MODEL_PARTS)
 
 
 def _trainer_model(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -420,19 +394,6 @@ def _trainer_model(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     if model is None or not callable(getattr(model, "add_language_model_lora", None)):
         raise TypeError("`model` must be a TapChatForConditionalGeneration instance to train TAP-Chat stages.")
     return model
-
-
-def _prepare_lora(model: Any, use_lora: bool, lora_config: Any) -> None:
-    """Add the LLM's LoRA adapter for `use_lora` (unless the model already carries one)."""
-    if lora_config is not None and not use_lora:
-        raise ValueError("`lora_config` is given but `use_lora` is False; pass use_lora=True to train with LoRA.")
-    if use_lora and not model.has_language_model_lora():
-        model.add_language_model_lora(lora_config)
-    elif not use_lora and model.has_language_model_lora():
-        raise ValueError(
-            "The model carries LoRA layers in its LLM; pass use_lora=True to train them, or merge them first "
-            "(`model.merge_language_model_lora()`)."
-        )
 
 
 class TapChatTrainingDataset(torch.utils.data.Dataset):
@@ -485,11 +446,11 @@ class TapChatTrainer(RegionTrainer):
 
     stages = TAP_CHAT_STAGES
     default_stage = "instruct"
+    language_model_parts = _LANGUAGE_MODEL_PARTS
 
     def __init__(self, *args: Any, use_lora: bool = False, lora_config: Any = None, **kwargs: Any) -> None:
-        _prepare_lora(_trainer_model(args, kwargs), use_lora, lora_config)
-        self.use_lora = use_lora
-        super().__init__(*args, **kwargs)
+        _trainer_model(args, kwargs)
+        super().__init__(*args, use_lora=use_lora, lora_config=lora_config, **kwargs)
 
     def resolve_stage(self, name: str) -> TrainingStage:
         stage = stage_by_name(self.stages, name)
