@@ -196,6 +196,8 @@ def test_right_oracle_scores_perfectly_in_original_pixels(processor):
     assert metrics["concept_acc"] == 1.0 and metrics["concept_exact_acc"] == 1.0
     # CIDEr-D of a caption equal to its (only) reference is 10 on pycocoevalcap's scale.
     assert metrics["cider"] == pytest.approx(10.0, abs=1e-6)
+    # These hand-made scenes carry no `colors`, so only the shape word is checked.
+    assert metrics["caption_shape_acc"] == 1.0 and "caption_color_acc" not in metrics
     assert len(predictions) == 5
     assert predictions[3]["concept"] == "yellow triangle" and predictions[3]["caption"] == "a large yellow triangle"
     assert all(entry["box_iou"] == pytest.approx(1.0) for entry in predictions)
@@ -207,6 +209,7 @@ def test_wrong_oracle_scores_zero(processor):
     # Every wrong object is another shape, so the concept names neither the category nor the exact concept.
     assert metrics["concept_acc"] == 0.0 and metrics["concept_exact_acc"] == 0.0
     assert metrics["cider"] < 2.0
+    assert metrics["caption_shape_acc"] == 0.0
 
 
 def test_box_right_click_wrong_pools_the_two_mious(processor):
@@ -291,7 +294,16 @@ def test_real_untrained_model_on_synthetic_scenes(processor):
     model = TapModel(tiny_tap_config())
     scenes = tap_eval_scenes(2, seed=3)
     metrics = evaluate_tap(model, processor, scenes)
-    assert set(metrics) == {"miou", "box_miou", "point_miou", "concept_acc", "concept_exact_acc", "cider"}
+    assert set(metrics) == {
+        "miou",
+        "box_miou",
+        "point_miou",
+        "concept_acc",
+        "concept_exact_acc",
+        "cider",
+        "caption_shape_acc",
+        "caption_color_acc",
+    }
     assert all(math.isfinite(value) and value >= 0 for value in metrics.values())
     assert 0.0 <= metrics["miou"] <= 1.0 and model.training
 

@@ -178,6 +178,24 @@ def test_prompt_encoding_hand_case():
 # ---- routing ---------------------------------------------------------------------------------------------------
 
 
+def test_decoder_tokens_and_prompt_labels_start_at_unit_scale():
+    # Regression: transformers' default std 0.02 made the 9 decoder output tokens ~50x smaller than the unit-scale
+    # Fourier prompt features; SAM / TAP initialize these embeddings N(0, 1), and the std must survive post_init.
+    set_seed(0)
+    model = TapModel(tiny_tap_config())
+    decoder = model.image_decoder
+    for embedding in (
+        decoder.semantic_tokens,
+        decoder.iou_token,
+        decoder.mask_tokens,
+        model.prompt_encoder.point_embed,
+    ):
+        weight = embedding.weight.detach()
+        assert 0.6 < float(weight.std()) < 1.6 and float(weight.abs().max()) > 1.0
+    # Ordinary embeddings keep the config's initializer_range.
+    assert float(model.text_decoder.embed_tokens.weight.detach().std()) < 0.05
+
+
 def test_routing_rule_by_hand():
     iou = torch.tensor([[0.9, 0.1, 0.5, 0.3], [0.1, 0.2, 0.3, 0.8], [0.9, 0.1, 0.5, 0.3]])
     is_box = torch.tensor([False, False, True])

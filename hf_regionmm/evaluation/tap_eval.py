@@ -6,7 +6,7 @@ TAP-v2 (paper Sec. 4.2) is measured the way the paper prompts it, one prompt per
 |---|---|---|---|
 | promptable segmentation (Table 3) | the ground-truth box; separately, one click near the mask's centroid | the routed mask (box -> output 0, click -> best of 1-3 by predicted IoU), `post_process_masks` to the original image | mIoU against the ground-truth mask (`mask_iou` gIoU), per prompt kind and pooled |
 | concept prediction (Table 1, "prompt with GT boxes") | the ground-truth box | top-1 of `concept_logits` over the model's concept bank | accuracy: the top-1 concept names the object's category (`"red circle"` or `"circle"` for a circle); exact accuracy: it is the object's most likely concept (`argmax concept_targets`, `"red circle"`) |
-| region captioning (Table 2, "GT boxes prompt the image decoder") | the ground-truth box | greedy `generate_captions` of the box's semantic token | CIDEr-D (`cider_d`, 0-10 scale) |
+| region captioning (Table 2, "GT boxes prompt the image decoder") | the ground-truth box | greedy `generate_captions` of the box's semantic token | CIDEr-D (`cider_d`, 0-10 scale); whether the caption names the object's shape / colour (`caption_shape_acc` / `caption_color_acc`, which a one-caption prior cannot game) |
 
 Masks are compared in the ORIGINAL image's pixel grid: the model's `mask_size` logits are upsampled to the padded
 frame, cropped to the resized image and resized to the original size (`TapProcessor.post_process_masks`), then
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForImageTextToText, AutoModelForMaskGeneration, AutoProcessor
 
-from ..data.synthetic import CONCEPT_VOCABULARY, decode_masks, generate_scenes
+from ..data.synthetic import CONCEPT_VOCABULARY, decode_masks, generate_scenes, split_words
 from ..processing.processing_tap import caption_prompt, chat_prompt
 from . import load_metric
 from .functional import normalize_vqa_answer
@@ -255,7 +255,9 @@ def evaluate_tap(
         Floats: `box_miou`, `point_miou` (mIoU of box- / click-prompted routed masks), `miou` (both pooled),
         `concept_acc` (top-1 concept names the category), `concept_exact_acc` (top-1 is the object's most likely
         concept; only when scenes carry `concept_targets` over the model's concept bank), `cider` (region-caption
-        CIDEr-D, 0-10 scale).
+        CIDEr-D, 0-10 scale), `caption_shape_acc` (the caption contains the object's category word) and
+        `caption_color_acc` (it contains the object's colour word; only when scenes carry `colors`). The last two
+        tell region content from a prior: one caption for every object scores the attribute's base rate.
     """
     if model.concept_names is None:
         raise ValueError(
@@ -297,6 +299,7 @@ def evaluate_tap(
     mask_metric = load_metric("mask_iou")
     box_scores, point_scores = [], []
     concept_hits, exact_hits, exact_total = [], [], 0
+    caption_shape_hits, caption_color_hits = [], []
     captions, references, records = [], [], []
     for image_index, (scene_index, kept) in enumerate(objects):
         row = rows[scene_index]
@@ -318,6 +321,12 @@ def evaluate_tap(
                 exact_hits.append(exact)
                 exact_total += 1
             captions.append(by_box.caption)
+            # Whether the caption names the object's own attributes: a learned prior (one caption for every object)
+            # scores the attribute's base rate here, however well its template matches the references' n-grams.
+            caption_words = set(split_words(by_box.caption.lower()))
+            caption_shape_hits.append(category.lower() in caption_words)
+            if row.get("colors") is not None:
+                caption_color_hits.append(row["colors"][object_index].lower() in caption_words)
             references.append([row["region_captions"][object_index]])
             records.append(
                 {
@@ -353,7 +362,10 @@ def evaluate_tap(
         "point_miou": float(point_miou),
         "concept_acc": float(np.mean(concept_hits)),
         "cider": float(cider),
+        "caption_shape_acc": float(np.mean(caption_shape_hits)),
     }
+    if caption_color_hits:
+        metrics["caption_color_acc"] = float(np.mean(caption_color_hits))
     if exact_total:
         metrics["concept_exact_acc"] = float(np.mean(exact_hits))
     if predictions is not None:
