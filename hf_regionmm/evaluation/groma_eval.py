@@ -20,7 +20,6 @@ the schema of `hf_regionmm.data.synthetic.generate_scenes` and of the real-forma
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,11 +27,12 @@ from typing import Any
 
 import torch
 from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoModelForImageTextToText
 
 from ..data.synthetic import SHAPE_PLURALS, SHAPES, generate_scenes
 from ..processing.processing_groma import multi_grounding_prompt, rec_prompt, region_caption_prompt
 from . import load_metric
+from .checkpoint_eval import check_positive_int, load_checkpoint, write_predictions
 
 __all__ = [
     "GROMA_EVAL_SCENES",
@@ -91,12 +91,6 @@ def groma_eval_scenes(num_samples: int = 64, seed: int = 0, split: str = "test",
     return generate_scenes(num_samples, seed=seed, split=split, **{**GROMA_EVAL_SCENES, **overrides})
 
 
-def _check_positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be an integer >= 1; got {value!r}.")
-    return value
-
-
 def _check_images(images: Any) -> list[Image.Image]:
     if isinstance(images, Image.Image) or not isinstance(images, Sequence):
         raise TypeError("`images` must be a list of PIL images, one per query.")
@@ -140,8 +134,8 @@ def generate_groma_answers(
         raise ValueError(f"`queries` has {len(queries)} entries for {len(images)} `images`; give one query per image.")
     if boxes is not None and len(boxes) != len(images):
         raise ValueError(f"`boxes` has {len(boxes)} entries for {len(images)} `images`; give one list per image.")
-    _check_positive_int(max_new_tokens, "max_new_tokens")
-    _check_positive_int(batch_size, "batch_size")
+    check_positive_int(max_new_tokens, "max_new_tokens")
+    check_positive_int(batch_size, "batch_size")
 
     was_training = model.training
     model.eval()
@@ -272,8 +266,8 @@ def evaluate_groma(
     if unknown or not tasks:
         raise ValueError(f"`tasks` must be a non-empty subset of {GROMA_EVAL_TASKS}; got {list(tasks)!r}.")
     if max_new_tokens is not None:
-        _check_positive_int(max_new_tokens, "max_new_tokens")
-    _check_positive_int(batch_size, "batch_size")
+        check_positive_int(max_new_tokens, "max_new_tokens")
+    check_positive_int(batch_size, "batch_size")
     rows = _scene_list(scenes, tasks)
     report = progress or (lambda message: None)
     metrics: dict[str, float] = {}
@@ -405,23 +399,12 @@ def evaluate_groma_checkpoint(
     Writes `groma_predictions.json` (every sample with its prediction) to `output_dir` and returns the metrics of
     `evaluate_groma`.
     """
-    import hf_regionmm  # noqa: F401  (registers Groma with the Auto classes)
-
-    checkpoint = Path(checkpoint)
-    if not (checkpoint / "config.json").is_file():
-        raise ValueError(
-            f"`checkpoint` {checkpoint} holds no config.json; pass a folder written by save_pretrained (model and "
-            "processor)."
-        )
-    _check_positive_int(num_samples, "num_samples")
-    model = AutoModelForImageTextToText.from_pretrained(checkpoint)
-    processor = AutoProcessor.from_pretrained(checkpoint)
+    check_positive_int(num_samples, "num_samples")
+    model, processor = load_checkpoint(checkpoint, AutoModelForImageTextToText)
     scenes = groma_eval_scenes(num_samples, seed=seed)
     collected: dict[str, list[dict[str, Any]]] = {}
     metrics = evaluate_groma(
         model, processor, scenes, tasks=tasks, batch_size=batch_size, predictions=collected, progress=progress
     )
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "groma_predictions.json").write_text(json.dumps(collected, indent=1))
+    write_predictions(output_dir, "groma", collected)
     return metrics

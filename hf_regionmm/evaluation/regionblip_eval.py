@@ -18,19 +18,19 @@ of that image), or `points` (`(N, 3)`) and, for point-cloud regions, `box_3d` (c
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoModelForImageTextToText
 
 from ..data.synthetic import generate_3d_scenes, generate_point_clouds, generate_scenes
 from ..modeling.configuration_regionblip import MODALITIES
 from ..processing.processing_regionblip import T5_PROMPTS
 from . import load_metric
+from .checkpoint_eval import check_positive_int, load_checkpoint, write_predictions
 
 __all__ = [
     "GREEDY_GENERATION",
@@ -57,12 +57,6 @@ _REQUIRED_KEYS = {
     "point_cloud": ("points",),
     "point_cloud_region": ("points", "box_3d"),
 }
-
-
-def _check_positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be an integer >= 1; got {value!r}.")
-    return value
 
 
 def _check_modalities(modalities: Any) -> tuple[str, ...]:
@@ -119,7 +113,7 @@ def regionblip_eval_examples(
     points). The scenes are those the tiny RegionBLIP trains on (64-112 pixel images)."""
     from ..trainers.regionblip import RegionBlipTrainingDataset
 
-    _check_positive_int(num_samples, "num_samples")
+    check_positive_int(num_samples, "num_samples")
     modalities = _check_modalities(modalities)
     image_modalities = {"image", "image_region"} & set(modalities)
     scenes = (
@@ -187,7 +181,7 @@ def generate_regionblip_captions(
     """
     if decoding not in _DECODINGS:
         raise ValueError(f"`decoding` must be one of {sorted(_DECODINGS)}; got {decoding!r}.")
-    _check_positive_int(batch_size, "batch_size")
+    check_positive_int(batch_size, "batch_size")
     rows = _check_examples(examples)
     settings = {**_DECODINGS[decoding], **dict(generation_kwargs or {})}
     tokenizer = processor.tokenizer
@@ -295,17 +289,8 @@ def evaluate_regionblip_checkpoint(
     Writes `regionblip_predictions.json` (every example with its references and prediction) to `output_dir` and
     returns the metrics of `evaluate_regionblip`.
     """
-    import hf_regionmm  # noqa: F401  (registers RegionBLIP with the Auto classes)
-
-    checkpoint = Path(checkpoint)
-    if not (checkpoint / "config.json").is_file():
-        raise ValueError(
-            f"`checkpoint` {checkpoint} holds no config.json; pass a folder written by save_pretrained (model and "
-            "processor)."
-        )
-    _check_positive_int(num_samples, "num_samples")
-    model = AutoModelForImageTextToText.from_pretrained(checkpoint)
-    processor = AutoProcessor.from_pretrained(checkpoint)
+    check_positive_int(num_samples, "num_samples")
+    model, processor = load_checkpoint(checkpoint, AutoModelForImageTextToText)
     examples = regionblip_eval_examples(
         max(2, num_samples), seed=seed, modalities=modalities, num_points=processor.num_points
     )
@@ -321,7 +306,5 @@ def evaluate_regionblip_checkpoint(
         predictions=collected,
         progress=progress,
     )
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "regionblip_predictions.json").write_text(json.dumps(collected, indent=1))
+    write_predictions(output_dir, "regionblip", collected)
     return metrics

@@ -24,7 +24,6 @@ needs `image`, `boxes` (n, 4 absolute pixel xyxy), `masks` (COCO RLE counts, dec
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,11 +31,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import AutoModelForImageTextToText, AutoModelForMaskGeneration, AutoProcessor
+from transformers import AutoModelForImageTextToText, AutoModelForMaskGeneration
 
 from ..data.synthetic import CONCEPT_VOCABULARY, decode_masks, generate_scenes, split_words
 from ..processing.processing_tap import caption_prompt, chat_prompt
 from . import load_metric
+from .checkpoint_eval import check_positive_int, load_checkpoint, write_predictions
 from .functional import normalize_vqa_answer
 
 __all__ = [
@@ -81,12 +81,6 @@ def interior_point(mask: np.ndarray, offset: int = 0) -> list[float]:
     distance = (rows - rows.mean()) ** 2 + (cols - cols.mean()) ** 2
     index = np.argsort(distance, kind="stable")[min(offset, len(rows) - 1)]
     return [float(cols[index]), float(rows[index])]
-
-
-def _check_positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be an integer >= 1; got {value!r}.")
-    return value
 
 
 def _scene_list(scenes: Any, needed: Sequence[str], example: str) -> list[Mapping[str, Any]]:
@@ -173,7 +167,7 @@ def predict_tap_regions(
     if len(prompts) != len(images):
         name = "boxes" if boxes is not None else "points"
         raise ValueError(f"`{name}` has {len(prompts)} entries for {len(images)} `images`; give one list per image.")
-    _check_positive_int(batch_size, "batch_size")
+    check_positive_int(batch_size, "batch_size")
     names = model.concept_names
     was_training = model.training
     model.eval()
@@ -265,7 +259,7 @@ def evaluate_tap(
             "predictions can be compared with categories."
         )
     if max_new_tokens is not None:
-        _check_positive_int(max_new_tokens, "max_new_tokens")
+        check_positive_int(max_new_tokens, "max_new_tokens")
     rows = _scene_list(scenes, ("image", "boxes", "masks", "categories", "region_captions"), "tap_eval_scenes(64)")
     report = progress or (lambda message: None)
 
@@ -383,25 +377,6 @@ def _iou(prediction: np.ndarray, truth: np.ndarray) -> float:
     return float(np.count_nonzero(prediction & truth) / union) if union else 1.0
 
 
-def _load(checkpoint: str | Path, auto_class: Any) -> tuple[Any, Any]:
-    import hf_regionmm  # noqa: F401  (registers TAP with the Auto classes)
-
-    checkpoint = Path(checkpoint)
-    if not (checkpoint / "config.json").is_file():
-        raise ValueError(
-            f"`checkpoint` {checkpoint} holds no config.json; pass a folder written by save_pretrained (model and "
-            "processor)."
-        )
-    return auto_class.from_pretrained(checkpoint), AutoProcessor.from_pretrained(checkpoint)
-
-
-def _write_results(output_dir: str | Path, name: str, metrics: dict[str, float], records: Any) -> None:
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / f"{name}_predictions.json").write_text(json.dumps(records, indent=1))
-    (output_dir / "metrics.json").write_text(json.dumps({"metrics": metrics}, indent=2))
-
-
 def evaluate_tap_checkpoint(
     checkpoint: str | Path,
     output_dir: str | Path,
@@ -418,8 +393,8 @@ def evaluate_tap_checkpoint(
     Writes `metrics.json` and `tap_predictions.json` (every object with its prediction) to `output_dir` and returns
     the metrics of `evaluate_tap`.
     """
-    _check_positive_int(num_samples, "num_samples")
-    model, processor = _load(checkpoint, AutoModelForMaskGeneration)
+    check_positive_int(num_samples, "num_samples")
+    model, processor = load_checkpoint(checkpoint, AutoModelForMaskGeneration)
     if model.concept_names is None:
         if model.config.num_concepts != len(CONCEPT_VOCABULARY):
             raise ValueError(
@@ -436,7 +411,7 @@ def evaluate_tap_checkpoint(
         predictions=records,
         progress=progress,
     )
-    _write_results(output_dir, "tap", metrics, records)
+    write_predictions(output_dir, "tap", records, metrics)
     return metrics
 
 
@@ -471,8 +446,8 @@ def generate_tap_chat_answers(
         raise TypeError("`prompts` must be a list of strings, one per image.")
     if len(prompts) != len(images):
         raise ValueError(f"`prompts` has {len(prompts)} entries for {len(images)} `images`; give one per image.")
-    _check_positive_int(max_new_tokens, "max_new_tokens")
-    _check_positive_int(batch_size, "batch_size")
+    check_positive_int(max_new_tokens, "max_new_tokens")
+    check_positive_int(batch_size, "batch_size")
     was_training = model.training
     model.eval()
     answers: list[str] = []
@@ -530,7 +505,7 @@ def evaluate_tap_chat(
     if unknown or not tasks:
         raise ValueError(f"`tasks` must be a non-empty subset of {TAP_CHAT_EVAL_TASKS}; got {list(tasks)!r}.")
     if max_new_tokens is not None:
-        _check_positive_int(max_new_tokens, "max_new_tokens")
+        check_positive_int(max_new_tokens, "max_new_tokens")
     needed = ["image"] + (["image_caption"] if "caption" in tasks else []) + (["vqa"] if "vqa" in tasks else [])
     rows = _scene_list(scenes, needed, "tap_eval_scenes(32)")
     report = progress or (lambda message: None)
@@ -594,8 +569,8 @@ def evaluate_tap_chat_checkpoint(
     """`hf-regionmm eval tap_chat CHECKPOINT`: load through `AutoModelForImageTextToText` / `AutoProcessor` and
     evaluate on `num_samples` held-out synthetic scenes (split "test"); writes `metrics.json` and
     `tap_chat_predictions.json` to `output_dir` and returns the metrics of `evaluate_tap_chat`."""
-    _check_positive_int(num_samples, "num_samples")
-    model, processor = _load(checkpoint, AutoModelForImageTextToText)
+    check_positive_int(num_samples, "num_samples")
+    model, processor = load_checkpoint(checkpoint, AutoModelForImageTextToText)
     collected: dict[str, list[dict[str, Any]]] = {}
     metrics = evaluate_tap_chat(
         model,
@@ -606,5 +581,5 @@ def evaluate_tap_chat_checkpoint(
         predictions=collected,
         progress=progress,
     )
-    _write_results(output_dir, "tap_chat", metrics, collected)
+    write_predictions(output_dir, "tap_chat", collected, metrics)
     return metrics

@@ -26,7 +26,6 @@ Scenes are dicts (or `datasets.Dataset` rows) with `image` (PIL), `height`, `wid
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,11 +34,12 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoModelForImageTextToText
 
 from ..data.synthetic import decode_masks, generate_scenes
 from ..processing.processing_ullava import rec_prompt, res_prompt, salient_prompt
 from . import load_metric
+from .checkpoint_eval import check_positive_int, load_checkpoint, write_predictions
 
 __all__ = [
     "ULLAVA_EVAL_SCENES",
@@ -100,12 +100,6 @@ def ullava_eval_scenes(num_samples: int = 64, seed: int = 0, split: str = "test"
     return generate_scenes(num_samples, seed=seed, split=split, **{**ULLAVA_EVAL_SCENES, **overrides})
 
 
-def _check_positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be an integer >= 1; got {value!r}.")
-    return value
-
-
 def _check_images(images: Any) -> list[Image.Image]:
     if isinstance(images, Image.Image) or not isinstance(images, Sequence):
         raise TypeError("`images` must be a list of PIL images, one per query.")
@@ -144,8 +138,8 @@ def generate_ullava_answers(
         raise TypeError("`queries` must be a list of strings, one per image.")
     if len(queries) != len(images):
         raise ValueError(f"`queries` has {len(queries)} entries for {len(images)} `images`; give one query per image.")
-    _check_positive_int(max_new_tokens, "max_new_tokens")
-    _check_positive_int(batch_size, "batch_size")
+    check_positive_int(max_new_tokens, "max_new_tokens")
+    check_positive_int(batch_size, "batch_size")
 
     was_training = model.training
     model.eval()
@@ -332,8 +326,8 @@ def evaluate_ullava(
         `salient_no_mask_rate`.
     """
     tasks = _check_tasks(tasks)
-    _check_positive_int(max_new_tokens, "max_new_tokens")
-    _check_positive_int(batch_size, "batch_size")
+    check_positive_int(max_new_tokens, "max_new_tokens")
+    check_positive_int(batch_size, "batch_size")
     samples = ullava_eval_samples(scenes, tasks, rec_query)
     rows = _scene_list(scenes, tasks)
     report = progress or (lambda message: None)
@@ -415,23 +409,12 @@ def evaluate_ullava_checkpoint(
     Writes `ullava_predictions.json` (every sample with its prediction) to `output_dir` and returns the metrics of
     `evaluate_ullava`.
     """
-    import hf_regionmm  # noqa: F401  (registers u-LLaVA with the Auto classes)
-
-    checkpoint = Path(checkpoint)
-    if not (checkpoint / "config.json").is_file():
-        raise ValueError(
-            f"`checkpoint` {checkpoint} holds no config.json; pass a folder written by save_pretrained (model and "
-            "processor)."
-        )
-    _check_positive_int(num_samples, "num_samples")
-    model = AutoModelForImageTextToText.from_pretrained(checkpoint)
-    processor = AutoProcessor.from_pretrained(checkpoint)
+    check_positive_int(num_samples, "num_samples")
+    model, processor = load_checkpoint(checkpoint, AutoModelForImageTextToText)
     scenes = ullava_eval_scenes(num_samples, seed=seed)
     collected: dict[str, list[dict[str, Any]]] = {}
     metrics = evaluate_ullava(
         model, processor, scenes, tasks=tasks, batch_size=batch_size, predictions=collected, progress=progress
     )
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "ullava_predictions.json").write_text(json.dumps(collected, indent=1))
+    write_predictions(output_dir, "ullava", collected)
     return metrics
