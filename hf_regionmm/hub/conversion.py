@@ -10,17 +10,81 @@ existing non-empty `destination` or the source itself is never overwritten.
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 import tempfile
-from collections.abc import Collection, Mapping
+import zipfile
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors.torch import load_file as load_safetensors_file
 from transformers import PreTrainedModel
 
 from hf_regionmm.hub.model_card import write_model_card
 
-__all__ = ["check_destination", "check_loading_info", "write_converted_checkpoint"]
+__all__ = [
+    "check_destination",
+    "check_loading_info",
+    "load_weight_file",
+    "resolve_dtype",
+    "torch_load_weights_only",
+    "write_converted_checkpoint",
+]
+
+
+def torch_load_weights_only(path: Path, label: str, resave_hint: str) -> Any:
+    """`torch.load(path, weights_only=True)`: tensors and plain containers only, never anything else.
+
+    A pickle that names any other object is refused (never executed) with a `ValueError` that starts
+    "Refusing to load {label}" and ends with `resave_hint`. Zip-format files are memory-mapped so the weights are not
+    read into memory twice.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(
+            f"Refusing to load {label}: it holds more than tensors and plain containers (torch.load(weights_only=True) "
+            f"rejected it: {first_line}). It is never unpickled otherwise; {resave_hint}"
+        ) from None
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, tensors: Iterable[torch.Tensor] = ()) -> torch.dtype:
+    """The dtype to convert to: `dtype` (a floating torch dtype or its name) when given, else the one floating dtype
+    of `tensors` (the release's own), else float32, which holds fp16/bf16 values exactly."""
+    if isinstance(dtype, str):
+        resolved = getattr(torch, dtype, None)
+        if not isinstance(resolved, torch.dtype):
+            raise ValueError(f"`dtype` must be a torch dtype or its name such as 'float16'; got {dtype!r}.")
+        dtype = resolved
+    if dtype is not None:
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"`dtype` must be a floating torch dtype (float32, float16, bfloat16); got {dtype!r}.")
+        return dtype
+    floating = {tensor.dtype for tensor in tensors if tensor.is_floating_point()}
+    return floating.pop() if len(floating) == 1 else torch.float32
+
+
+def load_weight_file(path: Path) -> dict[str, torch.Tensor]:
+    """A flat state dict from one `.safetensors` file or a `.bin`/`.pt` read through `torch_load_weights_only`."""
+    if path.suffix == ".safetensors":
+        return load_safetensors_file(path, device="cpu")
+    loaded = torch_load_weights_only(
+        path,
+        path.name,
+        "only state dicts of tensors are converted; re-save the weights with torch.save(model.state_dict()) or as "
+        "safetensors.",
+    )
+    if not isinstance(loaded, Mapping) or not all(
+        isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in loaded.items()
+    ):
+        raise ValueError(
+            f"{path.name} must hold a flat state dict (parameter name -> tensor), as `save_pretrained` writes; got "
+            f"{type(loaded).__name__}{' with keys ' + str(list(loaded)[:5]) if isinstance(loaded, Mapping) else ''}."
+        )
+    return dict(loaded)
 
 
 def check_destination(destination: Path, source: Path) -> None:

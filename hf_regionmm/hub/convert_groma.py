@@ -48,17 +48,20 @@ permutation, so `<rK>` indices are reproducible; the set of regions and their fe
 from __future__ import annotations
 
 import json
-import pickle
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file as load_safetensors_file
 from transformers import AutoTokenizer
 
-from hf_regionmm.hub.conversion import check_destination, check_loading_info, write_converted_checkpoint
+from hf_regionmm.hub.conversion import (
+    check_destination,
+    check_loading_info,
+    load_weight_file,
+    resolve_dtype,
+    write_converted_checkpoint,
+)
 from hf_regionmm.modeling.configuration_groma import GROMA_BASE_NEW_TOKENS, RELEASED_BEHAVIOUR, GromaConfig
 from hf_regionmm.modeling.modeling_groma import GromaForConditionalGeneration
 from hf_regionmm.processing.image_processing_groma import GromaImageProcessor
@@ -345,30 +348,6 @@ def _weight_files(source: Path) -> list[Path]:
     )
 
 
-def _load_weight_file(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        return load_safetensors_file(path, device="cpu")
-    try:
-        # weights_only: tensors and plain containers only; anything else in the pickle is refused, never executed.
-        # Zip-format files are memory-mapped so a shard is not read twice into memory.
-        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except pickle.UnpicklingError as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(
-            f"Refusing to load {path.name}: it is not a plain tensor checkpoint (torch.load(weights_only=True) "
-            f"rejected it: {first_line}). Only state dicts of tensors are converted; re-save the weights with "
-            "torch.save(model.state_dict()) or as safetensors."
-        ) from None
-    if not isinstance(loaded, Mapping) or not all(
-        isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in loaded.items()
-    ):
-        raise ValueError(
-            f"{path.name} must hold a flat state dict (parameter name -> tensor), as `save_pretrained` writes; got "
-            f"{type(loaded).__name__}{' with keys ' + str(list(loaded)[:5]) if isinstance(loaded, Mapping) else ''}."
-        )
-    return dict(loaded)
-
-
 def load_released_state_dict(source: str | Path) -> dict[str, torch.Tensor]:
     """Read every weight of a released checkpoint folder, under its original key names.
 
@@ -379,7 +358,7 @@ def load_released_state_dict(source: str | Path) -> dict[str, torch.Tensor]:
     source = Path(source)
     state_dict: dict[str, torch.Tensor] = {}
     for path in _weight_files(source):
-        shard = _load_weight_file(path)
+        shard = load_weight_file(path)
         repeated = sorted(set(shard) & set(state_dict))
         if repeated:
             raise ValueError(f"`source` stores {repeated[:5]} in more than one shard ({path.name} repeats them).")
@@ -546,21 +525,6 @@ def convert_released_state_dict(
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
-def _resolve_dtype(dtype: torch.dtype | str | None, state_dict: Mapping[str, torch.Tensor]) -> torch.dtype:
-    if isinstance(dtype, str):
-        resolved = getattr(torch, dtype, None)
-        if not isinstance(resolved, torch.dtype):
-            raise ValueError(f"`dtype` must be a torch dtype or its name such as 'float16'; got {dtype!r}.")
-        dtype = resolved
-    if dtype is not None:
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise ValueError(f"`dtype` must be a floating torch dtype (float32, float16, bfloat16); got {dtype!r}.")
-        return dtype
-    floating = {tensor.dtype for tensor in state_dict.values() if tensor.is_floating_point()}
-    # One model dtype: keep the checkpoint's if it has one, else float32, which holds fp16/bf16 values exactly.
-    return floating.pop() if len(floating) == 1 else torch.float32
-
-
 def _build_processor(source: Path, config: GromaConfig) -> GromaProcessor | None:
     if not any((source / name).is_file() for name in _TOKENIZER_FILES):
         return None
@@ -633,7 +597,7 @@ def convert_groma_checkpoint(
         raise TypeError(f"`config` must be a GromaConfig or None; got {type(config).__name__}.")
 
     released_weights = load_released_state_dict(source)
-    target_dtype = _resolve_dtype(dtype, released_weights)
+    target_dtype = resolve_dtype(dtype, released_weights.values())
     state_dict = convert_released_state_dict(released_weights, config)
     del released_weights
     for key, tensor in state_dict.items():

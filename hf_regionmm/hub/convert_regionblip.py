@@ -63,9 +63,7 @@ import functools
 import json
 import logging
 import math
-import pickle
 import re
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -73,7 +71,13 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, BlipImageProcessor, PreTrainedModel
 
-from hf_regionmm.hub.conversion import check_destination, check_loading_info, write_converted_checkpoint
+from hf_regionmm.hub.conversion import (
+    check_destination,
+    check_loading_info,
+    resolve_dtype,
+    torch_load_weights_only,
+    write_converted_checkpoint,
+)
 from hf_regionmm.modeling.configuration_regionblip import MODALITIES, RegionBlipConfig
 from hf_regionmm.modeling.modeling_regionblip import RegionBlipForConditionalGeneration
 from hf_regionmm.modeling.point_bert import PointBertModel
@@ -225,17 +229,11 @@ def _format_keys(keys: list[str], limit: int = 12) -> str:
 def _torch_load(path: Path, argument: str) -> Any:
     if not path.is_file():
         raise ValueError(f"`{argument}` {path} is not a file.")
-    try:
-        # weights_only: tensors and plain containers only; anything else in the pickle is refused, never executed.
-        # Zip-format files are memory-mapped so the weights are not read into memory twice.
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except pickle.UnpicklingError as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(
-            f"Refusing to load `{argument}` {path.name}: it holds more than tensors and plain containers "
-            f"(torch.load(weights_only=True) rejected it: {first_line}). It is never unpickled otherwise; re-save "
-            "it as torch.save({'model': model.state_dict()}) from a trusted environment."
-        ) from None
+    return torch_load_weights_only(
+        path,
+        f"`{argument}` {path.name}",
+        "re-save it as torch.save({'model': model.state_dict()}) from a trusted environment.",
+    )
 
 
 def _check_flat_state_dict(state_dict: Any, what: str) -> dict[str, torch.Tensor]:
@@ -545,19 +543,6 @@ def _config_from_sources(
     )
 
 
-def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, str):
-        resolved = getattr(torch, dtype, None)
-        if not isinstance(resolved, torch.dtype):
-            raise ValueError(f"`dtype` must be a torch dtype or its name such as 'float16'; got {dtype!r}.")
-        dtype = resolved
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"`dtype` must be a floating torch dtype (float32, float16, bfloat16); got {dtype!r}.")
-    return dtype
-
-
 def _build_processor(tokenizer: Any, blip2: Any, config: RegionBlipConfig) -> RegionBlipProcessor | None:
     if tokenizer is None and isinstance(blip2, str | Path):
         folder = Path(blip2)
@@ -649,7 +634,7 @@ def convert_regionblip_checkpoint(
     check_destination(destination, source)
     if config is not None and not isinstance(config, RegionBlipConfig):
         raise TypeError(f"`config` must be a RegionBlipConfig or None; got {type(config).__name__}.")
-    target_dtype = _resolve_dtype(dtype)
+    target_dtype = resolve_dtype(dtype)
     lavis_state_dict = load_lavis_checkpoint(source)
 
     point_bert_weights: dict[str, torch.Tensor] = {}

@@ -76,7 +76,12 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from hf_regionmm.hub.conversion import check_destination, check_loading_info, write_converted_checkpoint
+from hf_regionmm.hub.conversion import (
+    check_destination,
+    check_loading_info,
+    resolve_dtype,
+    write_converted_checkpoint,
+)
 from hf_regionmm.modeling.configuration_tap import TapConfig
 from hf_regionmm.modeling.modeling_tap import TapModel, default_concept_bank, relative_position_index
 from hf_regionmm.processing.image_processing_tap import TapImageProcessor
@@ -682,23 +687,6 @@ def convert_tap_state_dict(
 # Conversion
 
 
-def _resolve_dtype(dtype: torch.dtype | str | None, weights: Mapping[str, torch.Tensor]) -> torch.dtype:
-    if isinstance(dtype, str):
-        resolved = getattr(torch, dtype, None)
-        if not isinstance(resolved, torch.dtype):
-            raise ValueError(f"`dtype` must be a torch dtype or its name such as 'float16'; got {dtype!r}.")
-        dtype = resolved
-    if dtype is not None:
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise ValueError(f"`dtype` must be a floating torch dtype (float32, float16, bfloat16); got {dtype!r}.")
-        return dtype
-    floating = {
-        tensor.dtype for key, tensor in weights.items() if tensor.is_floating_point() and key not in _DROPPED_KEYS
-    }
-    # One model dtype: keep the checkpoint's if it has one, else float32, which holds fp16/bf16 values exactly.
-    return floating.pop() if len(floating) == 1 else torch.float32
-
-
 def _image_processor(weights: Mapping[str, torch.Tensor], config: TapConfig) -> TapImageProcessor:
     mean_bgr = weights.get("pixel_mean")
     rsig_bgr = weights.get("pixel_rsig")
@@ -848,7 +836,7 @@ def convert_tap_checkpoint(
             f"`concepts` {concepts_path.name} has {bank.shape[1]}-d embeddings but the checkpoint's concept MLP "
             f"outputs {config.concept_embed_dim}-d; the bank belongs to another model."
         )
-    target_dtype = _resolve_dtype(dtype, weights)
+    target_dtype = resolve_dtype(dtype, (t for key, t in weights.items() if key not in _DROPPED_KEYS))
     image_processor = _image_processor(weights, config)
     size = infer_tap_model_type(weights) or "custom size"
     derived = [key for key in weights if key.endswith(".num_batches_tracked") or key.endswith(".rel_pos_embed.index")]

@@ -53,8 +53,14 @@ import torch
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerFast, SamImageProcessor
 
-from hf_regionmm.hub.conversion import check_destination, check_loading_info, write_converted_checkpoint
-from hf_regionmm.hub.convert_groma import _load_weight_file, load_released_state_dict
+from hf_regionmm.hub.conversion import (
+    check_destination,
+    check_loading_info,
+    load_weight_file,
+    resolve_dtype,
+    write_converted_checkpoint,
+)
+from hf_regionmm.hub.convert_groma import load_released_state_dict
 from hf_regionmm.modeling.configuration_ullava import ULLAVA_NEW_TOKENS, ULlavaConfig
 from hf_regionmm.modeling.modeling_ullava import ULlavaForConditionalGeneration
 from hf_regionmm.processing.image_processing_ullava import ULlavaImageProcessor
@@ -104,7 +110,7 @@ def load_ullava_state_dict(source: str | Path) -> dict[str, torch.Tensor]:
                 f"`source` {source} is neither a folder nor a `.safetensors` / `.bin` weight file; pass the "
                 "downloaded jinxu95/ullava folder or one of its weight files."
             )
-        return _load_weight_file(source)
+        return load_weight_file(source)
     raise ValueError(f"`source` {source} does not exist; pass a checkpoint folder or a weight file.")
 
 
@@ -524,21 +530,6 @@ def ullava_config_from_released(
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
-def _resolve_dtype(dtype: torch.dtype | str | None, state_dict: Mapping[str, torch.Tensor]) -> torch.dtype:
-    if isinstance(dtype, str):
-        resolved = getattr(torch, dtype, None)
-        if not isinstance(resolved, torch.dtype):
-            raise ValueError(f"`dtype` must be a torch dtype or its name such as 'float16'; got {dtype!r}.")
-        dtype = resolved
-    if dtype is not None:
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise ValueError(f"`dtype` must be a floating torch dtype (float32, float16, bfloat16); got {dtype!r}.")
-        return dtype
-    floating = {tensor.dtype for tensor in state_dict.values() if tensor.is_floating_point()}
-    # One model dtype: keep the checkpoint's if it has one, else float32, which holds fp16/bf16 values exactly.
-    return floating.pop() if len(floating) == 1 else torch.float32
-
-
 def _without_legacy_tokens(tokenizer: Any) -> PreTrainedTokenizerFast:
     """The legacy tokenizer (10 u-LLaVA tokens, no `[LOC]`) with those tokens removed, so that
     `add_ullava_special_tokens` can append the 11 tokens in the HEAD order (`[tag]`, `[/tag]` move up by one)."""
@@ -665,7 +656,7 @@ def convert_ullava_checkpoint(
         config = ullava_config_from_released(
             released_weights, _read_released_config(source), num_video_frames=num_video_frames
         )
-    target_dtype = _resolve_dtype(dtype, released_weights)
+    target_dtype = resolve_dtype(dtype, released_weights.values())
     state_dict = convert_released_state_dict(released_weights, config)
     del released_weights
     for key, tensor in state_dict.items():
