@@ -71,12 +71,12 @@ from transformers import PrinterCallback, TrainerCallback, set_seed
 from ..data.pictures import draw_boxes, draw_grounding
 from ..data.synthetic import generate_scenes
 from ..evaluation.groma_eval import GROMA_EVAL_SCENES, evaluate_groma, generate_groma_answers, groma_eval_scenes
-from ..hub.model_card import write_model_card
 from ..modeling.modeling_groma import GromaForConditionalGeneration
 from ..processing.processing_groma import grounded_caption_prompt, rec_prompt
 from ..trainers.groma import GROMA_STAGES, GromaTrainingDataset
 from ..trainers.region_trainer import stage_by_name
 from ..trainers.tiny_training import build_tiny_trainer
+from .demo_outputs import before_after_table, save_demo_checkpoint, write_demo_metrics
 
 __all__ = ["GromaDemoRecipe", "QUICK_RECIPE", "groma_demo", "init_for_training_from_scratch"]
 
@@ -337,14 +337,13 @@ def _first_region_index(answer: str) -> int | None:
 def _training_summary(
     recipe: GromaDemoRecipe, before: Mapping[str, float], after: Mapping[str, float], top_region_share: float | None
 ) -> str:
-    rows = "\n".join(f"| {name} | {before[name]:.4f} | {after[name]:.4f} |" for name in after if name in before)
     return (
         "This tiny checkpoint was trained by `hf-regionmm demo` from random weights on procedurally generated "
         f"scenes of 2-4 coloured shapes ({recipe.num_train_scenes} training scenes): `det` {recipe.det_steps} steps "
         f"at lr {recipe.det_lr:g}, `align` {recipe.align_steps} steps at lr {recipe.align_lr:g}, `instruct` "
         f"{recipe.instruct_steps} steps at lr {recipe.instruct_lr:g}, batch {recipe.batch_size} (the paper's learning "
         "rates are for pretrained 7B weights; a tiny random model needs larger ones). Held-out scenes before and "
-        f"after training:\n\n| metric | untrained | trained |\n|---|---|---|\n{rows}\n"
+        f"after training:\n\n{before_after_table(before, after)}"
         + (
             f"\n{100 * top_region_share:.0f}% of the trained model's REC answers name `<r0>`, the proposer's "
             "top-scoring region: the accuracy above measures the proposer and that choice, not yet a learned match "
@@ -422,11 +421,10 @@ def groma_demo(
     first_slots = [_first_region_index(answer) for answer in rec_answers]
     top_region_share = sum(slot == 0 for slot in first_slots) / len(first_slots) if first_slots else None
 
-    checkpoint = output_dir / "checkpoint"
-    model.save_pretrained(checkpoint)
-    processor.save_pretrained(checkpoint)
-    write_model_card(
-        checkpoint,
+    save_demo_checkpoint(
+        model,
+        processor,
+        output_dir,
         "groma",
         model_id="groma-tiny-demo",
         eval_results=after,
@@ -436,19 +434,8 @@ def groma_demo(
     picture_scenes = eval_scenes.select(range(min(recipe.num_pictures, len(eval_scenes))))
     _pictures(model, processor, picture_scenes, output_dir / "pictures")
 
-    metrics = {f"{name}_before": value for name, value in before.items()}
-    metrics.update({f"{name}_after": value for name, value in after.items()})
-    metrics["train_seconds"] = train_seconds
-    (output_dir / "metrics.json").write_text(
-        json.dumps(
-            {
-                "metrics": metrics,
-                "rec_answers_naming_r0": top_region_share,
-                "losses": losses,
-                "recipe": _recipe_json(recipe),
-            },
-            indent=2,
-        )
+    metrics = write_demo_metrics(
+        output_dir, before, after, train_seconds, recipe, rec_answers_naming_r0=top_region_share, losses=losses
     )
     progress(
         f"groma: REC acc@0.5 {before['rec_acc@0.5']:.3f} -> {after['rec_acc@0.5']:.3f}, AR {before['ar']:.3f} -> "
@@ -457,8 +444,3 @@ def groma_demo(
         else f"groma: trained in {train_seconds / 60:.1f} min"
     )
     return metrics
-
-
-def _recipe_json(recipe: GromaDemoRecipe) -> dict[str, Any]:
-    values = dataclasses.asdict(recipe)
-    return json.loads(json.dumps(values, default=list))

@@ -31,7 +31,6 @@ longer runs would get there for all three, at more CPU time than the demo has.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -45,10 +44,10 @@ from transformers import PrinterCallback, TrainerCallback, set_seed
 
 from ..data.pictures import draw_boxes, render_point_cloud
 from ..evaluation.regionblip_eval import evaluate_regionblip, regionblip_eval_examples
-from ..hub.model_card import write_model_card
 from ..modeling.modeling_regionblip import RegionBlipForConditionalGeneration
 from ..trainers.regionblip import RegionBlipTrainingDataset
 from ..trainers.tiny_training import build_tiny_trainer
+from .demo_outputs import before_after_table, save_demo_checkpoint, write_demo_metrics
 
 __all__ = ["DEMO_CONFIG_OVERRIDES", "QUICK_RECIPE", "RegionBlipDemoRecipe", "regionblip_demo"]
 
@@ -171,7 +170,6 @@ def _pictures(
 def _training_summary(
     recipe: RegionBlipDemoRecipe, before: Mapping[str, float], after: Mapping[str, float], trainable: int, frozen: int
 ) -> str:
-    rows = "\n".join(f"| {name} | {before[name]:.4f} | {after[name]:.4f} |" for name in after if name in before)
     return (
         "This tiny checkpoint was trained by `hf-regionmm demo` from random weights on procedurally generated "
         f"captions ({recipe.num_train_samples} image-region, point-cloud and point-cloud-region examples): "
@@ -181,7 +179,7 @@ def _training_summary(
         f"(`{dict(recipe.config_overrides)}`): the tiny BLIP-2 is random, so a frozen one knows no language. The "
         f"vision tower and Point-BERT stayed frozen (and random). {trainable:,} parameters trained, {frozen:,} "
         "frozen. CIDEr-D (greedy captions) on held-out examples before and after training:\n\n"
-        f"| metric | untrained | trained |\n|---|---|---|\n{rows}\n"
+        + before_after_table(before, after)
     )
 
 
@@ -270,11 +268,10 @@ def regionblip_demo(
         model, processor, eval_examples, DEMO_MODALITIES, decoding="greedy", predictions=predictions
     )
 
-    checkpoint = output_dir / "checkpoint"
-    model.save_pretrained(checkpoint)
-    processor.save_pretrained(checkpoint)
-    write_model_card(
-        checkpoint,
+    save_demo_checkpoint(
+        model,
+        processor,
+        output_dir,
         "regionblip",
         model_id="regionblip-tiny-demo",
         eval_results=after,
@@ -284,24 +281,19 @@ def regionblip_demo(
     _pictures(eval_examples, predictions, output_dir / "pictures", recipe.num_pictures)
     (output_dir / "predictions.json").write_text(json.dumps(predictions, indent=1))
 
-    metrics = {f"{name}_before": value for name, value in before.items()}
-    metrics.update({f"{name}_after": value for name, value in after.items()})
-    metrics["train_seconds"] = train_seconds
     losses = [
         {key: value for key, value in entry.items() if key == "step" or key.startswith("loss")}
         for entry in trainer.state.log_history
         if "loss" in entry
     ]
-    (output_dir / "metrics.json").write_text(
-        json.dumps(
-            {
-                "metrics": metrics,
-                "unfrozen_for_the_demo": dict(recipe.config_overrides),
-                "losses": losses,
-                "recipe": json.loads(json.dumps(dataclasses.asdict(recipe), default=list)),
-            },
-            indent=2,
-        )
+    metrics = write_demo_metrics(
+        output_dir,
+        before,
+        after,
+        train_seconds,
+        recipe,
+        unfrozen_for_the_demo=dict(recipe.config_overrides),
+        losses=losses,
     )
     progress(
         "regionblip: CIDEr-D "

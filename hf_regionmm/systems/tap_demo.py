@@ -52,7 +52,6 @@ caption for every image and 3 distinct answers to 241 questions.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from collections.abc import Callable, Mapping
@@ -75,12 +74,12 @@ from ..evaluation.tap_eval import (
     predict_tap_regions,
     tap_eval_scenes,
 )
-from ..hub.model_card import write_model_card
 from ..modeling.modeling_tap import TapChatForConditionalGeneration, TapModel
 from ..processing.processing_tap import caption_prompt
 from ..trainers.region_trainer import stage_by_name
 from ..trainers.tap import TapChatTrainingDataset, TapTrainingDataset
 from ..trainers.tiny_training import build_tiny_trainer
+from .demo_outputs import before_after_table, save_demo_checkpoint, write_demo_metrics
 
 __all__ = [
     "QUICK_TAP_CHAT_RECIPE",
@@ -256,36 +255,6 @@ def _train_stage(
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
 
-def _recipe_json(recipe: Any) -> dict[str, Any]:
-    return json.loads(json.dumps(dataclasses.asdict(recipe), default=list))
-
-
-def _summary_table(before: Mapping[str, float], after: Mapping[str, float]) -> str:
-    rows = "\n".join(f"| {name} | {before[name]:.4f} | {after[name]:.4f} |" for name in after if name in before)
-    return f"| metric | untrained | trained |\n|---|---|---|\n{rows}\n"
-
-
-def _write_metrics(
-    output_dir: Path,
-    before: Mapping[str, float],
-    after: Mapping[str, float],
-    train_seconds: float,
-    losses: Mapping[str, list[float]],
-    recipe: Any,
-    variety: Mapping[str, int],
-) -> dict[str, float]:
-    metrics = {f"{name}_before": value for name, value in before.items()}
-    metrics.update({f"{name}_after": value for name, value in after.items()})
-    metrics["train_seconds"] = train_seconds
-    (output_dir / "metrics.json").write_text(
-        json.dumps(
-            {"metrics": metrics, "answer_variety": variety, "losses": losses, "recipe": _recipe_json(recipe)},
-            indent=2,
-        )
-    )
-    return metrics
-
-
 def _upscale(mask: np.ndarray, scale: int) -> np.ndarray:
     return np.kron(mask.astype(np.uint8), np.ones((scale, scale), dtype=np.uint8)).astype(bool)
 
@@ -351,7 +320,7 @@ def _tap_summary(
         "embedding per synthetic concept, not CLIP text embeddings, and the config changes "
         f"{dict(recipe.config_overrides)} (see `TapDemoRecipe`). Held-out scenes before and after training "
         "(masks compared in the original image; concepts and captions from ground-truth box prompts):\n\n"
-        + _summary_table(before, after)
+        + before_after_table(before, after)
         + f"\nFor the {variety['objects']} held-out objects the trained model writes {variety['distinct_captions']} "
         f"distinct caption(s) and names {variety['distinct_concepts']} distinct top-1 concept(s). "
         "`caption_color_acc` / `caption_shape_acc` are the shares of captions that name the object's own colour / "
@@ -442,11 +411,10 @@ def tap_demo(
         "distinct_concepts": len({record["concept"] for record in records}),
     }
 
-    checkpoint = output_dir / "checkpoint"
-    model.save_pretrained(checkpoint)
-    processor.save_pretrained(checkpoint)
-    write_model_card(
-        checkpoint,
+    save_demo_checkpoint(
+        model,
+        processor,
+        output_dir,
         "tap",
         model_id="tap-tiny-demo",
         eval_results=after,
@@ -461,7 +429,9 @@ def tap_demo(
         eval_scenes.select(range(min(recipe.num_pictures, len(eval_scenes)))),
         output_dir / "pictures",
     )
-    metrics = _write_metrics(output_dir, before, after, train_seconds, losses, recipe, variety)
+    metrics = write_demo_metrics(
+        output_dir, before, after, train_seconds, recipe, answer_variety=variety, losses=losses
+    )
     progress(
         f"tap: mIoU {before['miou']:.3f} -> {after['miou']:.3f}, concept acc {before['concept_acc']:.3f} -> "
         f"{after['concept_acc']:.3f}, caption CIDEr-D {before['cider']:.3f} -> {after['cider']:.3f} after "
@@ -527,7 +497,7 @@ def _tap_chat_summary(
         f"mixed 1:{recipe.captions_in_instruct} with caption examples, "
         f"batch {recipe.batch_size} (the paper's 1e-3 / 2e-4 are for a pre-trained TAP and Phi-2). Held-out scenes "
         "before and after training (`cider`: image-caption CIDEr-D; `vqa_acc`: exact match):\n\n"
-        + _summary_table(before, after)
+        + before_after_table(before, after)
         + f"\nThe trained model writes {variety['distinct_captions']} distinct caption(s) for {variety['images']} "
         f"images and {variety['distinct_answers']} distinct answer(s) to {variety['questions']} questions: where "
         "these are small, the numbers measure the learned answer formats and priors, not yet the image content.\n"
@@ -613,11 +583,10 @@ def tap_chat_demo(
         "distinct_answers": len({sample["prediction"] for sample in collected["vqa"]}),
     }
 
-    checkpoint = output_dir / "checkpoint"
-    model.save_pretrained(checkpoint)
-    processor.save_pretrained(checkpoint)
-    write_model_card(
-        checkpoint,
+    save_demo_checkpoint(
+        model,
+        processor,
+        output_dir,
         "tap",
         model_id="tap-chat-tiny-demo",
         eval_results=after,
@@ -626,7 +595,9 @@ def tap_chat_demo(
     )
     picture_scenes = eval_scenes.select(range(min(recipe.num_pictures, len(eval_scenes))))
     _tap_chat_pictures(model, processor, picture_scenes, output_dir / "pictures")
-    metrics = _write_metrics(output_dir, before, after, train_seconds, losses, recipe, variety)
+    metrics = write_demo_metrics(
+        output_dir, before, after, train_seconds, recipe, answer_variety=variety, losses=losses
+    )
     progress(
         f"tap_chat: image-caption CIDEr-D {before['cider']:.3f} -> {after['cider']:.3f}, VQA exact match "
         f"{before['vqa_acc']:.3f} -> {after['vqa_acc']:.3f} after {train_seconds:.0f} s of training"

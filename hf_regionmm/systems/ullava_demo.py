@@ -50,11 +50,11 @@ from ..evaluation.ullava_eval import (
     ullava_eval_samples,
     ullava_eval_scenes,
 )
-from ..hub.model_card import write_model_card
 from ..modeling.modeling_ullava import ULlavaForConditionalGeneration
 from ..trainers.region_trainer import stage_by_name
 from ..trainers.tiny_training import build_tiny_trainer
 from ..trainers.ullava import ULLAVA_STAGES, ULlavaTrainingDataset
+from .demo_outputs import before_after_table, save_demo_checkpoint, write_demo_metrics
 
 __all__ = ["QUICK_RECIPE", "ULlavaDemoRecipe", "ullava_demo"]
 
@@ -270,7 +270,6 @@ def _pictures(
 
 
 def _training_summary(recipe: ULlavaDemoRecipe, before: Mapping[str, float], after: Mapping[str, float]) -> str:
-    rows = "\n".join(f"| {name} | {before[name]:.4f} | {after[name]:.4f} |" for name in after if name in before)
     return (
         "This tiny checkpoint was trained by `hf-regionmm demo` from random weights on procedurally generated "
         f"scenes of 2-4 coloured shapes ({recipe.num_train_scenes} training scenes): `align` {recipe.align_steps} "
@@ -279,7 +278,7 @@ def _training_summary(recipe: ULlavaDemoRecipe, before: Mapping[str, float], aft
         "needs a larger one). CLIP is random and frozen; trained on top of the paper's stage II: "
         f"{', '.join(recipe.instruct_extra_trainable) or 'nothing'}. REC boxes: "
         f"`rec_fusion={recipe.config_overrides.get('rec_fusion', 'box')!r}`. Held-out scenes before and after "
-        f"training:\n\n| metric | untrained | trained |\n|---|---|---|\n{rows}\n"
+        f"training:\n\n{before_after_table(before, after)}"
     )
 
 
@@ -367,11 +366,10 @@ def ullava_demo(
     progress("ullava: evaluating the trained model on the same held-out scenes")
     after = _evaluate(model, processor, eval_scenes, recipe)
 
-    checkpoint = output_dir / "checkpoint"
-    model.save_pretrained(checkpoint)
-    processor.save_pretrained(checkpoint)
-    write_model_card(
-        checkpoint,
+    save_demo_checkpoint(
+        model,
+        processor,
+        output_dir,
         "ullava",
         model_id="ullava-tiny-demo",
         eval_results=after,
@@ -381,12 +379,7 @@ def ullava_demo(
     picture_scenes = eval_scenes.select(range(min(recipe.num_pictures, len(eval_scenes))))
     _pictures(model, processor, picture_scenes, output_dir / "pictures")
 
-    metrics = {f"{name}_before": value for name, value in before.items()}
-    metrics.update({f"{name}_after": value for name, value in after.items()})
-    metrics["train_seconds"] = train_seconds
-    (output_dir / "metrics.json").write_text(
-        json.dumps({"metrics": metrics, "losses": losses, "recipe": _recipe_json(recipe)}, indent=2)
-    )
+    metrics = write_demo_metrics(output_dir, before, after, train_seconds, recipe, losses=losses)
     summary = []
     if "ciou" in after:
         summary.append(f"RES cIoU {before['ciou']:.3f} -> {after['ciou']:.3f}")
@@ -396,7 +389,3 @@ def ullava_demo(
         summary.append(f"box-only REC Prec@0.5 {before['locate_prec@0.5']:.3f} -> {after['locate_prec@0.5']:.3f}")
     progress(f"ullava: {', '.join(summary) or 'trained'} after {train_seconds:.0f} s of training")
     return metrics
-
-
-def _recipe_json(recipe: ULlavaDemoRecipe) -> dict[str, Any]:
-    return json.loads(json.dumps(dataclasses.asdict(recipe), default=list))
