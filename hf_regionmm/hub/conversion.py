@@ -26,12 +26,27 @@ from hf_regionmm.hub.model_card import write_model_card
 
 __all__ = [
     "check_destination",
+    "expected_shapes",
+    "format_keys",
     "check_loading_info",
     "load_weight_file",
     "resolve_dtype",
     "torch_load_weights_only",
     "write_converted_checkpoint",
 ]
+
+
+def format_keys(keys: list[str], limit: int = 12) -> str:
+    """The first `limit` of `keys`, comma-separated, with a count of the rest: for error messages."""
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def expected_shapes(model_class: type[PreTrainedModel], config: Any) -> dict[str, torch.Size]:
+    """Parameter name -> shape of `model_class(config)`, built on the meta device (no memory for the weights)."""
+    with torch.device("meta"):
+        model = model_class(config)
+    return {name: tensor.shape for name, tensor in model.state_dict().items()}
 
 
 def torch_load_weights_only(path: Path, label: str, resave_hint: str) -> Any:

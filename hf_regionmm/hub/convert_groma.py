@@ -58,6 +58,8 @@ from transformers import AutoTokenizer
 from hf_regionmm.hub.conversion import (
     check_destination,
     check_loading_info,
+    expected_shapes,
+    format_keys,
     load_weight_file,
     resolve_dtype,
     write_converted_checkpoint,
@@ -428,18 +430,6 @@ def _rename(key: str, objectness_heads: tuple[str, ...]) -> str | None:
     return None
 
 
-def _format_keys(keys: list[str], limit: int = 12) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
-
-
-def _expected_shapes(config: GromaConfig) -> dict[str, torch.Size]:
-    # The meta device allocates nothing, so the paper-size model costs only its Python objects.
-    with torch.device("meta"):
-        model = GromaForConditionalGeneration(config)
-    return {name: tensor.shape for name, tensor in model.state_dict().items()}
-
-
 def convert_released_state_dict(
     state_dict: Mapping[str, torch.Tensor], config: GromaConfig
 ) -> dict[str, torch.Tensor]:
@@ -490,18 +480,18 @@ def convert_released_state_dict(
                 "the checkpoint is inconsistent and cannot be converted faithfully."
             )
 
-    expected = _expected_shapes(config)
+    expected = expected_shapes(GromaForConditionalGeneration, config)
     unknown += [sources[key] for key in converted if key not in expected]
     if unknown:
         raise ValueError(
             f"`source` has {len(unknown)} weights that are not part of the released Groma layout (no mapping for "
-            f"them): {_format_keys(sorted(unknown))}. Nothing was written; a checkpoint with extra modules (or a "
+            f"them): {format_keys(sorted(unknown))}. Nothing was written; a checkpoint with extra modules (or a "
             "config.json that does not describe it) cannot be converted."
         )
     missing = sorted(key for key in expected if key not in converted)
     if missing:
         raise ValueError(
-            f"`source` lacks {len(missing)} weights the converted model needs: {_format_keys(missing)}. Nothing was "
+            f"`source` lacks {len(missing)} weights the converted model needs: {format_keys(missing)}. Nothing was "
             "written; check that every shard is present and that config.json describes this checkpoint."
         )
     mismatched = [
@@ -512,7 +502,7 @@ def convert_released_state_dict(
     if mismatched:
         raise ValueError(
             f"`source` has {len(mismatched)} weights whose shapes do not match the config: "
-            f"{_format_keys(mismatched)}. Nothing was written; config.json (or the `config` argument) does not "
+            f"{format_keys(mismatched)}. Nothing was written; config.json (or the `config` argument) does not "
             "describe this checkpoint."
         )
     return {key: converted[key] for key in expected}

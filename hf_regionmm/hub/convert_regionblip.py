@@ -74,6 +74,7 @@ from transformers import AutoTokenizer, BlipImageProcessor, PreTrainedModel
 from hf_regionmm.hub.conversion import (
     check_destination,
     check_loading_info,
+    format_keys,
     resolve_dtype,
     torch_load_weights_only,
     write_converted_checkpoint,
@@ -217,11 +218,6 @@ def _fit_to_model(name: str, expected: Mapping[str, torch.Size]) -> str | None:
     return wrapped if wrapped in expected else None
 
 
-def _format_keys(keys: list[str], limit: int = 12) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Reading checkpoint files
 
@@ -355,7 +351,7 @@ def _blip2_weights(
             weights[target] = tensor
     if unmapped:
         raise ValueError(
-            f"`blip2` has {len(unmapped)} weights with no place in RegionBLIP: {_format_keys(sorted(unmapped))}. Pass "
+            f"`blip2` has {len(unmapped)} weights with no place in RegionBLIP: {format_keys(sorted(unmapped))}. Pass "
             "the Blip2ForConditionalGeneration the RegionBLIP checkpoint was trained on (OPT for opt_*, Flan-T5 for "
             "t5_* releases)."
         )
@@ -455,24 +451,24 @@ def convert_lavis_state_dict(
     if unknown and not allow_extra_keys:
         raise ValueError(
             f"`source` has {len(unknown)} weights that are not part of the released RegionBLIP layout (no rename "
-            f"rule for them): {_format_keys(sorted(unknown))}. Nothing was written; pass allow_extra_keys=True to drop "
+            f"rule for them): {format_keys(sorted(unknown))}. Nothing was written; pass allow_extra_keys=True to drop "
             "them if the checkpoint carries modules the captioning model does not use."
         )
     if unknown:
-        logger.warning("Dropping %d unmapped released keys: %s", len(unknown), _format_keys(sorted(unknown)))
+        logger.warning("Dropping %d unmapped released keys: %s", len(unknown), format_keys(sorted(unknown)))
     if dropped:
         logger.info(
             "Dropping %d released keys the captioning model does not use (ITC/ITM/ITG heads, Q-Former text side, "
             "never-run LoRA pairs, position_ids): %s",
             len(dropped),
-            _format_keys(sorted(dropped)),
+            format_keys(sorted(dropped)),
         )
 
     not_trained = sorted(key for key in trained if key not in converted)
     if not_trained:
         raise ValueError(
             f"`source` lacks {len(not_trained)} weights that train in RegionBLIP and so must come from the released "
-            f"checkpoint: {_format_keys(not_trained)}. Nothing was written; is this the final checkpoint (not the "
+            f"checkpoint: {format_keys(not_trained)}. Nothing was written; is this the final checkpoint (not the "
             "BLIP-2 one), and does `config` (box regression, point-cloud Q-Former) describe it?"
         )
     for key, tensor in (base_weights or {}).items():
@@ -490,7 +486,7 @@ def convert_lavis_state_dict(
                 "transformers' BLIP-2: convert with use_itc=use_itm=use_itg=False (the default derived config)."
             )
         raise ValueError(
-            f"No source provides {len(missing)} weights of the converted model: {_format_keys(missing)}. Nothing was "
+            f"No source provides {len(missing)} weights of the converted model: {format_keys(missing)}. Nothing was "
             f"written.{hint}"
         )
     mismatched = [
@@ -500,7 +496,7 @@ def convert_lavis_state_dict(
     ]
     if mismatched:
         raise ValueError(
-            f"{len(mismatched)} weights have shapes that do not match the config: {_format_keys(mismatched)}. Nothing "
+            f"{len(mismatched)} weights have shapes that do not match the config: {format_keys(mismatched)}. Nothing "
             "was written; the BLIP-2 / Point-BERT checkpoints or `config` do not belong to this release."
         )
     return {key: converted[key] for key in expected}

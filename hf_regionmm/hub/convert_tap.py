@@ -79,6 +79,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from hf_regionmm.hub.conversion import (
     check_destination,
     check_loading_info,
+    format_keys,
     resolve_dtype,
     write_converted_checkpoint,
 )
@@ -595,11 +596,6 @@ def _derived_value(model_key: str, shape: torch.Size, config: TapConfig) -> torc
     return relative_position_index(config.vision_window_size)
 
 
-def _format_keys(keys: list[str], limit: int = 12) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
-
-
 def _expected_state(config: TapConfig) -> dict[str, tuple[torch.Size, torch.dtype]]:
     # The meta device allocates nothing, so even ViT-H costs only its Python objects.
     with torch.device("meta"):
@@ -649,7 +645,7 @@ def convert_tap_state_dict(
     if unknown:
         raise ValueError(
             f"`source` has {len(unknown)} weights that are not part of the TAP v1.x layout (no mapping for them): "
-            f"{_format_keys(sorted(unknown))}. Nothing was written; a checkpoint with other modules cannot be "
+            f"{format_keys(sorted(unknown))}. Nothing was written; a checkpoint with other modules cannot be "
             "converted faithfully."
         )
     bank_key = "concept_head.concept_embeddings"
@@ -664,7 +660,7 @@ def convert_tap_state_dict(
     missing = sorted(key for key in expected if key not in converted)
     if missing:
         raise ValueError(
-            f"`source` lacks {len(missing)} weights the converted model needs (model names): {_format_keys(missing)}. "
+            f"`source` lacks {len(missing)} weights the converted model needs (model names): {format_keys(missing)}. "
             "Nothing was written; the pickle is incomplete or not a tokenize-anything checkpoint."
         )
     mismatched = [
@@ -675,7 +671,7 @@ def convert_tap_state_dict(
     if mismatched:
         raise ValueError(
             f"`source` has {len(mismatched)} weights whose shapes do not match the inferred config: "
-            f"{_format_keys(mismatched)}. Nothing was written."
+            f"{format_keys(mismatched)}. Nothing was written."
         )
     return {
         key: converted[key].to(dtype) if not converted[key].is_floating_point() else converted[key]

@@ -56,6 +56,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast, SamImageProcess
 from hf_regionmm.hub.conversion import (
     check_destination,
     check_loading_info,
+    expected_shapes,
+    format_keys,
     load_weight_file,
     resolve_dtype,
     write_converted_checkpoint,
@@ -218,18 +220,6 @@ def _rename(key: str, mlp_depths: Mapping[str, int]) -> str | None:
     return None
 
 
-def _format_keys(keys: list[str], limit: int = 12) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
-
-
-def _expected_shapes(config: ULlavaConfig) -> dict[str, torch.Size]:
-    # The meta device allocates nothing, so the paper-size model costs only its Python objects.
-    with torch.device("meta"):
-        model = ULlavaForConditionalGeneration(config)
-    return {name: tensor.shape for name, tensor in model.state_dict().items()}
-
-
 def _insert_loc_row(matrix: torch.Tensor, base_vocab_size: int) -> torch.Tensor:
     # The mean row: as an embedding it is the usual init of a new token; as an lm_head row its logit is the mean of
     # all logits, so greedy decoding of the legacy model never picks `[LOC]` and the other logits stay exact.
@@ -277,12 +267,12 @@ def convert_released_state_dict(
         converted[renamed] = tensor
         sources[renamed] = key
 
-    expected = _expected_shapes(config)
+    expected = expected_shapes(ULlavaForConditionalGeneration, config)
     unknown += [sources[key] for key in converted if key not in expected]
     if unknown:
         raise ValueError(
             f"`source` has {len(unknown)} weights that are not part of a released u-LLaVA layout (no mapping for "
-            f"them): {_format_keys(sorted(unknown))}. Nothing was written; a checkpoint with extra modules (or a "
+            f"them): {format_keys(sorted(unknown))}. Nothing was written; a checkpoint with extra modules (or a "
             "LoRA adapter not merged into `llm`) cannot be converted."
         )
 
@@ -298,7 +288,7 @@ def convert_released_state_dict(
     missing = sorted(key for key in expected if key not in converted and key not in location_keys)
     if missing:
         raise ValueError(
-            f"`source` lacks {len(missing)} weights the converted model needs: {_format_keys(missing)}. Nothing was "
+            f"`source` lacks {len(missing)} weights the converted model needs: {format_keys(missing)}. Nothing was "
             "written; check that every shard is present and that the config describes this checkpoint."
         )
     mismatched = [
@@ -309,7 +299,7 @@ def convert_released_state_dict(
     if mismatched:
         raise ValueError(
             f"`source` has {len(mismatched)} weights whose shapes do not match the config: "
-            f"{_format_keys(mismatched)}. Nothing was written; the `config` does not describe this checkpoint."
+            f"{format_keys(mismatched)}. Nothing was written; the `config` does not describe this checkpoint."
         )
     return {key: converted[key] for key in expected if key in converted}
 
