@@ -333,6 +333,19 @@ def test_sep_markers_supervise_every_marked_answer(processor, tokenizer, red_ima
     assert supervised == expected
 
 
+def test_batch_mixes_answers_with_a_sample_that_marks_its_own(processor, tokenizer, red_image):
+    marked = build_prompt("What is it?", history=[("Locate all <p>cat</p> in this image.", "<sep>Two cats<sep>")])
+    outputs = processor(
+        images=[red_image, red_image],
+        text=[f"{marked} <sep>A dog<sep></s>", "What is it?"],
+        answers=[None, "A red ball"],
+    )
+    supervised = [row[row != -100].tolist() for row in outputs["labels"]]
+    assert supervised[0] == tokenizer("two cats </s> a dog </s>", add_special_tokens=False)["input_ids"]
+    assert supervised[1] == tokenizer("a red ball </s>", add_special_tokens=False)["input_ids"]
+    with pytest.raises(TypeError, match="answers"):
+        processor(images=[red_image, red_image], text=["What is it?"] * 2, answers=["A dog", 3])
+
 def test_ground_boxes_and_placeholders(processor, tokenizer, red_image):
     outputs = processor(
         images=red_image, text=rec_prompt("the dog"), answers=rec_answer(), ground_boxes=[[[50, 25, 150, 75]]]

@@ -498,7 +498,8 @@ class GromaProcessor(ProcessorMixin):
                 `<ground_box>` per box, in order.
             answers: one answer per sample for training; appended after the prompt (which must end with
                 `ASSISTANT:`) and supervised in `labels` together with the closing `</s>`. Alternatively the text
-                may mark supervised spans itself with pairs of `<sep>` (the released multi-turn format).
+                may mark supervised spans itself with pairs of `<sep>` (the released multi-turn format); give such a
+                sample the answer None when others in the batch have answers.
             return_tensors: "pt" (default), "np" or None (Python lists).
             **kwargs: tokenizer options (`padding` (default True), `truncation`, `max_length`, `padding_side`,
                 `pad_to_multiple_of`, `add_special_tokens`, `return_offsets_mapping`) and image processor options
@@ -591,8 +592,13 @@ class GromaProcessor(ProcessorMixin):
             raise ValueError("`answers` needs `text`: pass the prompts the answers respond to.")
         if isinstance(answers, str):
             answers = [answers]
-        if not isinstance(answers, (list, tuple)) or not all(isinstance(answer, str) for answer in answers):
-            raise TypeError(f"`answers` must be a string or a list of strings; got {answers!r:.80}.")
+        if not isinstance(answers, (list, tuple)) or not all(
+            answer is None or isinstance(answer, str) for answer in answers
+        ):
+            raise TypeError(
+                f"`answers` must be a string or a list of strings (None for a sample whose text marks its answers "
+                f"with `<sep>` pairs); got {answers!r:.80}."
+            )
         if len(answers) != len(texts):
             raise ValueError(f"`answers` has {len(answers)} entries but `text` has {len(texts)}; give one per sample.")
         return list(answers)
