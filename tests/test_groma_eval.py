@@ -7,6 +7,7 @@ wrong or a half-right model would write. Expected scores are then computed by ha
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image, ImageDraw
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoModelForImageTextToText, AutoProcessor, set_seed
 
 from hf_regionmm import cli
 from hf_regionmm.evaluation import load_metric
@@ -31,7 +32,7 @@ from hf_regionmm.modeling.detr_proposer import DetrProposerOutput
 from hf_regionmm.modeling.modeling_groma import GromaForConditionalGeneration
 from hf_regionmm.registry import get_system
 from hf_regionmm.systems.groma import tiny_groma_config, tiny_groma_processor
-from hf_regionmm.systems.groma_demo import groma_demo
+from hf_regionmm.systems.groma_demo import QUICK_RECIPE, groma_demo, init_for_training_from_scratch
 
 # Two hand-made scenes on non-square images (so a mix-up of width and height would show), objects far apart (so a
 # wrong box has IoU 0 with the right one). Boxes are absolute pixel xyxy of the original image.
@@ -295,3 +296,25 @@ def test_quick_demo_writes_checkpoint_card_pictures_and_reloads(tmp_path: Path):
         cli.main(["eval", "groma", str(checkpoint), "--num-samples", "4", "--output-dir", str(tmp_path / "cli")]) == 0
     )
     assert json.loads((tmp_path / "cli" / "metrics.json").read_text())["metrics"] == pytest.approx(reloaded)
+
+
+def test_demo_recipe_training_the_image_encoder_in_det_says_so_and_trains_it(tmp_path: Path):
+    recipe = dataclasses.replace(QUICK_RECIPE, vision_tower_stages=("det",), align_steps=0, instruct_steps=0)
+    messages: list[str] = []
+    groma_demo(tmp_path, messages.append, recipe=recipe)
+    det_message = next(m for m in messages if m.startswith("groma det:"))
+    assert "frozen DINOv2" not in det_message and "+ the image encoder" in det_message
+
+    # The same seed rebuilds the untrained model: the saved image encoder differs from it (it trained in `det`).
+    set_seed(recipe.seed)
+    untrained = GromaForConditionalGeneration(tiny_groma_config(**dict(recipe.config_overrides)))
+    init_for_training_from_scratch(untrained)
+    trained = AutoModelForImageTextToText.from_pretrained(tmp_path / "checkpoint")
+    before = untrained.model.vision_tower.state_dict()
+    after = trained.model.vision_tower.state_dict()
+    assert before.keys() == after.keys()
+    assert any(not torch.equal(before[name], after[name]) for name in before)
+    # Nothing else of the language side moved: align/instruct did not run.
+    assert torch.equal(
+        untrained.model.region_encoder.output_proj.weight, trained.model.region_encoder.output_proj.weight
+    )

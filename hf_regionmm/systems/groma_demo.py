@@ -252,8 +252,12 @@ def _train_stage(
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(_ProgressCallback(progress, stage, steps, every=max(1, steps // 4)))
     counts = trainer.stage_parameter_counts
+    description = paper_stage.description
+    if stage in recipe.vision_tower_stages:
+        # The paper's stage text says the image encoder is frozen; this recipe trains it here.
+        description = description.replace("frozen DINOv2", "DINOv2") + " + the image encoder (recipe.vision_tower_stages)"
     progress(
-        f"groma {stage}: {paper_stage.description}; {counts['trainable']:,} trainable / {counts['frozen']:,} frozen "
+        f"groma {stage}: {description}; {counts['trainable']:,} trainable / {counts['frozen']:,} frozen "
         f"parameters, {steps} steps at lr {learning_rate:g}"
     )
     # Shuffled slots in training (as released) take away the "answer <r0>" shortcut of score-sorted slots; evaluation
