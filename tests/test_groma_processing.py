@@ -346,6 +346,7 @@ def test_batch_mixes_answers_with_a_sample_that_marks_its_own(processor, tokeniz
     with pytest.raises(TypeError, match="answers"):
         processor(images=[red_image, red_image], text=["What is it?"] * 2, answers=["A dog", 3])
 
+
 def test_ground_boxes_and_placeholders(processor, tokenizer, red_image):
     outputs = processor(
         images=red_image, text=rec_prompt("the dog"), answers=rec_answer(), ground_boxes=[[[50, 25, 150, 75]]]

@@ -8,10 +8,13 @@ resumable training). The trainer has to pass the epoch on itself: accelerate for
 from __future__ import annotations
 
 import pytest
+import torch
 
 from hf_regionmm.data.synthetic import generate_scenes
+from hf_regionmm.modeling.modeling_groma import GromaForConditionalGeneration
 from hf_regionmm.registry import get_system
-from hf_regionmm.trainers.groma import GROMA_TASKS, GromaTrainingDataset
+from hf_regionmm.systems.groma import tiny_groma_config, tiny_groma_processor
+from hf_regionmm.trainers.groma import GROMA_TASKS, MAX_REC_TURNS, GromaCollator, GromaTrainingDataset
 from hf_regionmm.trainers.tiny_training import build_tiny_trainer
 
 
@@ -95,3 +98,32 @@ def test_trainer_sets_the_epoch_of_its_training_set(tmp_path, scenes):
     # accelerate's loader fetches one batch ahead, so epoch 2 may be read further than the one step trained on it.
     assert dataset.seen_epochs[:8] == [0] * 4 + [1] * 4
     assert len(dataset.seen_epochs) >= 10 and set(dataset.seen_epochs[8:]) == {2}
+
+
+def test_multi_turn_rec_supervises_every_expression_of_the_scene(scenes):
+    dataset = GromaTrainingDataset(scenes, tasks=("multi_turn_rec", "rec"), seed=0)
+    multi, single = dataset[0], dataset[1]
+    scene = scenes[0]
+    turns = min(len(scene["referring_expressions"]), MAX_REC_TURNS)
+    assert multi["task"] == "multi_turn_rec" and multi["answer"] is None and turns >= 2
+    assert multi["query"].count("<ground_box>") == len(multi["ground_boxes"]) == turns
+    # Each turn asks one of the scene's expressions (none twice) and its ground box is that expression's object.
+    asked = [e for e in scene["referring_expressions"] if f"<p>{e['text']}</p>" in multi["query"]]
+    assert len(asked) == turns
+    assert sorted(map(str, multi["ground_boxes"])) == sorted(
+        str(list(scene["boxes"][e["object_index"]])) for e in asked
+    )
+
+    processor = tiny_groma_processor()
+    batch = GromaCollator(processor)([multi, single])
+    model = GromaForConditionalGeneration(tiny_groma_config()).eval()
+    with torch.no_grad():
+        outputs = model(**batch)
+    index_ids = set(model.config.region_index_token_ids)
+    supervised = [[token for token in row.tolist() if token in index_ids] for row in outputs.labels]
+    # One `<rK>` target per turn in the conversation, one in the single-turn sample; the loss covers both.
+    assert [len(row) for row in supervised] == [turns, 1]
+    assert torch.isfinite(outputs.loss)
+
+    with pytest.raises(ValueError, match="multi_turn_rec"):
+        GromaTrainingDataset(scenes.map(lambda row: {"referring_expressions": []}), tasks=("multi_turn_rec",))[0]

@@ -12,7 +12,9 @@ new, and the released layout keeps them apart from the frozen LLM vocabulary pre
 Examples are built from scenes in the synthetic schema (`hf_regionmm.data.synthetic.scene_features`, which the
 real-format loaders also produce): REC, region captioning, multi-instance grounding and grounded captioning, in the
 released prompt formats (`GromaProcessor.rec_prompt`, ...), with `<ground_box>` placeholders that the model resolves
-to the best-matching region slot.
+to the best-matching region slot. `multi_turn_rec` (not in the default mix) puts a scene's referring expressions
+into one conversation, every answer supervised (the released multi-turn format with `<sep>` pairs), as RefCOCO-style
+data with several expressions per image is usually packed.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from ..processing.processing_groma import (
+    EOS_TOKEN,
+    SEP_TOKEN,
+    build_prompt,
     grounded_caption_prompt,
     multi_grounding_answer,
     multi_grounding_prompt,
@@ -37,6 +42,7 @@ from ..processing.processing_groma import (
 from .region_trainer import RegionTrainer, TrainingStage
 
 __all__ = [
+    "GROMA_EXTRA_TASKS",
     "GROMA_STAGES",
     "GROMA_TASKS",
     "GromaCollator",
@@ -75,6 +81,9 @@ GROMA_STAGES: tuple[TrainingStage, ...] = (
 )
 
 GROMA_TASKS = ("rec", "region_caption", "multi_grounding", "grounded_caption")
+# Tasks a dataset may ask for beyond the default mix: several REC turns per sample, and detection (the `det` stage).
+GROMA_EXTRA_TASKS = ("multi_turn_rec", "detection")
+MAX_REC_TURNS = 8
 _REGION_TOKEN_RE = re.compile(r"<r(\d+)>")
 
 
@@ -89,7 +98,8 @@ def _grounded_answer(grounded_text: str, boxes: Sequence[Sequence[float]]) -> tu
 def groma_examples_from_scene(scene: dict[str, Any], task: str, rng: random.Random) -> dict[str, Any]:
     """One training example of `task` from a scene in the synthetic schema.
 
-    Returns `{"image", "query", "answer", "boxes" (user boxes, pixel xyxy), "ground_boxes" (pixel xyxy), "task"}`.
+    Returns `{"image", "query", "answer", "boxes" (user boxes, pixel xyxy), "ground_boxes" (pixel xyxy), "task"}`;
+    for `multi_turn_rec` the query is the whole conversation with `<sep>`-marked answers and `answer` is None.
     """
     boxes = scene["boxes"]
     example: dict[str, Any] = {"image": scene["image"], "boxes": [], "ground_boxes": [], "task": task}
@@ -110,8 +120,21 @@ def groma_examples_from_scene(scene: dict[str, Any], task: str, rng: random.Rand
     elif task == "grounded_caption":
         answer, ground_boxes = _grounded_answer(scene["grounded_caption"], boxes)
         example.update(query=grounded_caption_prompt(), answer=answer, ground_boxes=ground_boxes)
+    elif task == "multi_turn_rec":
+        expressions = list(scene["referring_expressions"])
+        if not expressions:
+            raise ValueError("`multi_turn_rec` needs a scene with referring expressions; this scene has none.")
+        rng.shuffle(expressions)
+        expressions = expressions[:MAX_REC_TURNS]
+        # The whole conversation is the text; each answer sits between `<sep>` markers, so the processor supervises
+        # every turn (the example's `answer` is None).
+        answer = f"{SEP_TOKEN}{rec_answer()}{SEP_TOKEN}"
+        turns = [(rec_prompt(expression["text"]), answer) for expression in expressions]
+        text = f"{build_prompt(turns[-1][0], history=turns[:-1])} {turns[-1][1]}{EOS_TOKEN}"
+        example.update(query=text, answer=None)
+        example["ground_boxes"] = [list(boxes[expression["object_index"]]) for expression in expressions]
     else:
-        raise ValueError(f"Unknown Groma task {task!r}; choose one of {GROMA_TASKS}.")
+        raise ValueError(f"Unknown Groma task {task!r}; choose one of {(*GROMA_TASKS, *GROMA_EXTRA_TASKS)}.")
     return example
 
 
@@ -129,9 +152,11 @@ class GromaTrainingDataset(torch.utils.data.Dataset):
     def __init__(self, scenes: Any, tasks: Sequence[str] = GROMA_TASKS, seed: int = 0) -> None:
         if not tasks or isinstance(tasks, str):
             raise ValueError(f"`tasks` must be a non-empty sequence of task names, e.g. {GROMA_TASKS}; got {tasks!r}.")
-        unknown = set(tasks) - {*GROMA_TASKS, "detection"}
+        unknown = set(tasks) - {*GROMA_TASKS, *GROMA_EXTRA_TASKS}
         if unknown:
-            raise ValueError(f"`tasks` has unknown entries {sorted(unknown)}; use {(*GROMA_TASKS, 'detection')}.")
+            raise ValueError(
+                f"`tasks` has unknown entries {sorted(unknown)}; use {(*GROMA_TASKS, *GROMA_EXTRA_TASKS)}."
+            )
         self.scenes = scenes
         self.tasks = tuple(tasks)
         self.seed = seed
