@@ -1,8 +1,11 @@
 """`hf-regionmm`: the command line of the library.
 
     hf-regionmm demo                       train every registered system's tiny model on synthetic data, report metrics
-    hf-regionmm train SYSTEM --stage S     train a system (tiny config by default) on the synthetic set
-    hf-regionmm eval SYSTEM CHECKPOINT     evaluate a checkpoint on held-out synthetic data (or real-format files)
+    hf-regionmm train SYSTEM --stage S [--model DIR] [--data FORMAT --data-option NAME=VALUE ...]
+                                           train a system (tiny config, or the checkpoint DIR) on the synthetic set or
+                                           on real-format data (hf_regionmm.data.formats.DATA_FORMATS)
+    hf-regionmm eval SYSTEM CHECKPOINT [--data FORMAT --data-option NAME=VALUE ...]
+                                           evaluate a checkpoint on held-out synthetic data or real-format data
     hf-regionmm convert SYSTEM SRC DST [--option NAME=VALUE ...]
                                            convert an original release checkpoint to this library's layout
     hf-regionmm card SYSTEM CHECKPOINT     render the model card of a checkpoint folder (+ evaluation JSON)
@@ -99,11 +102,47 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _real_data(args: argparse.Namespace) -> Any:
+    """The scenes of `--data FORMAT --data-option NAME=VALUE ...`, or None without `--data`."""
+    from .data.formats import load_data_format
+
+    if args.data is None:
+        if args.data_option:
+            raise ValueError("`--data-option` needs `--data FORMAT` (e.g. --data refcoco).")
+        return None
+    return load_data_format(args.data, args.data_option or [])
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
+    from transformers import AutoProcessor
+
     from .registry import get_system
+    from .trainers.region_trainer import stage_by_name
     from .trainers.tiny_training import build_tiny_trainer
 
     spec = get_system(args.system)
+    if spec.training is None:
+        raise ValueError(f"System {spec.name!r} has no training recipe yet; nothing to train.")
+    model = processor = train_dataset = None
+    if args.model is not None:
+        # Start from a saved checkpoint, e.g. the previous stage's output (det -> align -> instruct).
+        if not (Path(args.model) / "config.json").is_file():
+            raise ValueError(
+                f"`--model` {args.model} holds no config.json; pass a folder written by `hf-regionmm train` or "
+                "save_pretrained (model and processor)."
+            )
+        model = spec.model_classes[spec.main_auto_class].from_pretrained(args.model)
+        processor = AutoProcessor.from_pretrained(args.model)
+    scenes = _real_data(args)
+    if scenes is not None:
+        recipe = spec.training
+        if recipe.dataset_from_scenes is None:
+            raise ValueError(f"System {spec.name!r} does not train on real-format data yet; drop `--data`.")
+        stage = args.stage or recipe.default_stage
+        if recipe.stages:
+            stage_by_name(recipe.stages, stage)
+        train_dataset = recipe.dataset_from_scenes(processor or spec.tiny_processor(), scenes, args.seed, stage)
+        _progress(f"{len(scenes)} scenes from --data {args.data}")
     trainer = build_tiny_trainer(
         spec,
         args.output_dir,
@@ -112,6 +151,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         num_samples=args.num_samples,
         seed=args.seed,
         logging_steps=max(1, args.max_steps // 20),
+        model=model,
+        processor=processor,
+        train_dataset=train_dataset,
         stage=args.stage,
         use_stage_optimizer=True,
     )
@@ -133,7 +175,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"System {spec.name!r} has no evaluation routine yet.")
     output_dir = Path(args.output_dir or Path(args.checkpoint) / "eval")
     output_dir.mkdir(parents=True, exist_ok=True)
-    metrics = spec.evaluate(args.checkpoint, output_dir, num_samples=args.num_samples)
+    scenes = _real_data(args)
+    if scenes is None:
+        metrics = spec.evaluate(args.checkpoint, output_dir, num_samples=args.num_samples)
+    else:
+        import inspect
+
+        if "scenes" not in inspect.signature(spec.evaluate).parameters:
+            raise ValueError(f"System {spec.name!r} does not evaluate on real-format data yet; drop `--data`.")
+        metrics = spec.evaluate(args.checkpoint, output_dir, num_samples=args.num_samples, scenes=scenes)
     (output_dir / "metrics.json").write_text(json.dumps({"metrics": metrics}, indent=2))
     print(_format_table([(spec.name, k, f"{v:.4f}") for k, v in metrics.items()]))
     return 0
@@ -143,20 +193,14 @@ def _converter_options(convert: Any, pairs: Sequence[str]) -> dict[str, str]:
     """`--option NAME=VALUE` pairs as keyword arguments, checked against the converter's keyword-only parameters."""
     import inspect
 
+    from .data.formats import parse_name_value_pairs
+
     accepted = [
         name
         for name, parameter in inspect.signature(convert).parameters.items()
         if parameter.kind is inspect.Parameter.KEYWORD_ONLY
     ]
-    options: dict[str, str] = {}
-    for pair in pairs:
-        name, separator, value = pair.partition("=")
-        if not separator or not name:
-            raise ValueError(f"`--option` must look like NAME=VALUE (e.g. blip2=path/to/blip2); got {pair!r}.")
-        if name not in accepted:
-            raise ValueError(f"`--option {name}` is not an option of this converter; it takes {accepted}.")
-        options[name] = value
-    return options
+    return parse_name_value_pairs(pairs, accepted, "--option", "this converter", example="blip2=path/to/blip2")
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
@@ -197,6 +241,22 @@ def _cmd_release(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_data_arguments(command: argparse.ArgumentParser) -> None:
+    from .data.formats import DATA_FORMATS
+
+    command.add_argument(
+        "--data",
+        choices=sorted(DATA_FORMATS),
+        help="real-format data instead of the synthetic set (its loader in hf_regionmm.data.loaders)",
+    )
+    command.add_argument(
+        "--data-option",
+        action="append",
+        metavar="NAME=VALUE",
+        help="a parameter of the --data loader, repeatable (e.g. --data-option images_dir=coco/val2017)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-regionmm", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -206,7 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--systems", nargs="+", help="only these systems (default: all registered)")
     demo.set_defaults(func=_cmd_demo)
 
-    train = commands.add_parser("train", help="train a system's tiny model on synthetic data")
+    train = commands.add_parser(
+        "train", help="train a system (tiny model or --model DIR) on synthetic or real-format data"
+    )
     train.add_argument("system")
     train.add_argument("--stage", help="training stage of the paper (e.g. det, align, instruct for Groma)")
     train.add_argument("--output-dir", required=True)
@@ -214,13 +276,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=int, default=4)
     train.add_argument("--num-samples", type=int, default=256)
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--model", help="start from this checkpoint folder (e.g. the previous stage's --output-dir)")
+    _add_data_arguments(train)
     train.set_defaults(func=_cmd_train)
 
-    evaluate = commands.add_parser("eval", help="evaluate a checkpoint on held-out synthetic data")
+    evaluate = commands.add_parser("eval", help="evaluate a checkpoint on held-out synthetic data or real-format data")
     evaluate.add_argument("system")
     evaluate.add_argument("checkpoint")
     evaluate.add_argument("--output-dir")
     evaluate.add_argument("--num-samples", type=int, default=64)
+    _add_data_arguments(evaluate)
     evaluate.set_defaults(func=_cmd_eval)
 
     convert = commands.add_parser("convert", help="convert an original release checkpoint")

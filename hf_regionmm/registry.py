@@ -57,6 +57,8 @@ class TrainingRecipe:
     `trainer_class` is the system's `Trainer` subclass, constructed as `trainer_class(model=..., args=...,
     train_dataset=..., data_collator=..., processing_class=processor, **trainer_kwargs)` plus `stage=<name>` when the
     recipe has `stages` (the paper's `TrainingStage`s, whose optimiser settings go into the `TrainingArguments`).
+    `dataset_from_scenes(processor, scenes, seed, stage)`, when set, builds the same kind of data set from scenes
+    in the synthetic schema that a real-format loader returned (`hf-regionmm train SYSTEM --data FORMAT`).
     """
 
     trainer_class: type
@@ -65,6 +67,7 @@ class TrainingRecipe:
     trainer_kwargs: Mapping[str, Any] = field(default_factory=dict)
     stages: Sequence[Any] = ()
     default_stage: str | None = None
+    dataset_from_scenes: Callable[[Any, Any, int, str | None], Any] | None = None
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,13 @@ from hf_regionmm.data.synthetic import generate_scenes
 from hf_regionmm.modeling.modeling_groma import GromaForConditionalGeneration
 from hf_regionmm.registry import get_system
 from hf_regionmm.systems.groma import tiny_groma_config, tiny_groma_processor
-from hf_regionmm.trainers.groma import GROMA_TASKS, MAX_REC_TURNS, GromaCollator, GromaTrainingDataset
+from hf_regionmm.trainers.groma import (
+    GROMA_TASKS,
+    MAX_REC_TURNS,
+    GromaCollator,
+    GromaTrainingDataset,
+    groma_tasks_of_scene,
+)
 from hf_regionmm.trainers.tiny_training import build_tiny_trainer
 
 
@@ -127,3 +133,16 @@ def test_multi_turn_rec_supervises_every_expression_of_the_scene(scenes):
 
     with pytest.raises(ValueError, match="multi_turn_rec"):
         GromaTrainingDataset(scenes.map(lambda row: {"referring_expressions": []}), tasks=("multi_turn_rec",))[0]
+
+
+def test_a_scene_without_a_tasks_annotations_gets_the_next_task_it_has(scenes):
+    # Visual-Genome-like scene: boxes and region captions only.
+    row = dict(scenes[0])
+    row.update(referring_expressions=[], categories=[], grounded_caption="")
+    assert groma_tasks_of_scene(row) == ("region_caption", "detection")
+    dataset = GromaTrainingDataset([row, row], tasks=GROMA_TASKS, seed=0)
+    for epoch in range(len(GROMA_TASKS)):
+        dataset.set_epoch(epoch)
+        assert {dataset[index]["task"] for index in range(2)} == {"region_caption"}
+    with pytest.raises(ValueError, match="has annotations for"):
+        GromaTrainingDataset([row], tasks=("rec", "multi_grounding"), seed=0)[0]

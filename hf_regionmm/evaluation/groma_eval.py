@@ -40,6 +40,7 @@ __all__ = [
     "GromaAnswer",
     "evaluate_groma",
     "evaluate_groma_checkpoint",
+    "evaluable_tasks",
     "generate_groma_answers",
     "groma_eval_scenes",
 ]
@@ -217,6 +218,22 @@ def _scene_list(scenes: Any, tasks: Sequence[str]) -> list[Mapping[str, Any]]:
     return rows
 
 
+def evaluable_tasks(scenes: Any) -> tuple[str, ...]:
+    """The tasks of `GROMA_EVAL_TASKS` that at least one scene has annotations for (real-format data fills only some
+    columns of the scene schema: RefCOCO expressions, COCO categories, Visual Genome region descriptions)."""
+    rows = [scenes[index] for index in range(len(scenes))]
+
+    def present(row: Mapping[str, Any], task: str) -> bool:
+        if not row.get("boxes"):
+            return False
+        if task == "rec":
+            return bool(row.get("referring_expressions"))
+        key = "categories" if task == "multi_grounding" else "region_captions"
+        return len(row.get(key) or []) == len(row["boxes"])
+
+    return tuple(task for task in GROMA_EVAL_TASKS if any(present(row, task) for row in rows))
+
+
 def _plural(category: str) -> str:
     return SHAPE_PLURALS.get(category, category + "s")
 
@@ -392,16 +409,30 @@ def evaluate_groma_checkpoint(
     tasks: Sequence[str] = GROMA_EVAL_TASKS,
     batch_size: int = 16,
     progress: Callable[[str], None] | None = None,
+    scenes: Any = None,
 ) -> dict[str, float]:
     """`hf-regionmm eval groma CHECKPOINT`: load a checkpoint through the Auto classes and evaluate it on
-    `num_samples` held-out synthetic scenes (`groma_eval_scenes`, split "test").
+    `num_samples` held-out synthetic scenes (`groma_eval_scenes`, split "test"), or on the first `num_samples` of
+    `scenes` (e.g. a real-format loader's output: `hf-regionmm eval groma CHECKPOINT --data refcoco ...`), where
+    only the `tasks` the scenes have annotations for run (`evaluable_tasks`).
 
     Writes `groma_predictions.json` (every sample with its prediction) to `output_dir` and returns the metrics of
     `evaluate_groma`.
     """
     check_positive_int(num_samples, "num_samples")
+    if scenes is not None:
+        scenes = [scenes[index] for index in range(min(num_samples, len(scenes)))]
+        offered = evaluable_tasks(scenes)
+        tasks = tuple(task for task in tasks if task in offered)
+        if not tasks:
+            raise ValueError(
+                f"`scenes` have annotations for none of the Groma evaluation tasks {list(GROMA_EVAL_TASKS)}: REC needs "
+                "referring expressions (RefCOCO), multi-object grounding categories (COCO), region captioning region "
+                "descriptions (Visual Genome)."
+            )
     model, processor = load_checkpoint(checkpoint, AutoModelForImageTextToText)
-    scenes = groma_eval_scenes(num_samples, seed=seed)
+    if scenes is None:
+        scenes = groma_eval_scenes(num_samples, seed=seed)
     collected: dict[str, list[dict[str, Any]]] = {}
     metrics = evaluate_groma(
         model, processor, scenes, tasks=tasks, batch_size=batch_size, predictions=collected, progress=progress

@@ -28,7 +28,14 @@ from hf_regionmm.processing import processing_groma
 from hf_regionmm.processing.image_processing_groma import GromaImageProcessor
 from hf_regionmm.processing.processing_groma import GromaProcessor
 from hf_regionmm.registry import BadInputCase, SystemSpec, TrainingRecipe, register_system
-from hf_regionmm.trainers.groma import GROMA_STAGES, GROMA_TASKS, GromaCollator, GromaTrainer, GromaTrainingDataset
+from hf_regionmm.trainers.groma import (
+    GROMA_STAGES,
+    GROMA_TASKS,
+    GromaCollator,
+    GromaTrainer,
+    GromaTrainingDataset,
+    groma_tasks_of_scene,
+)
 
 __all__ = ["GROMA_SYSTEM", "tiny_groma_config", "tiny_groma_processor", "tiny_groma_words"]
 
@@ -181,7 +188,24 @@ def build_training_dataset(
 ) -> GromaTrainingDataset:
     """Synthetic training scenes for `stage`: box targets for `det`, the mixed region tasks otherwise."""
     scenes = generate_scenes(num_samples, seed=seed, split="train", image_size_range=(112, 192), with_masks=False)
+    return training_dataset_from_scenes(processor, scenes, seed, stage)
+
+
+def training_dataset_from_scenes(
+    processor: GromaProcessor, scenes: Any, seed: int, stage: str | None = None
+) -> GromaTrainingDataset:
+    """`stage`'s training data from scenes in the synthetic schema (synthetic or from a real-format loader):
+    box targets for `det`, otherwise the mixed region tasks each scene has annotations for. Scenes with none of
+    them (e.g. a COCO image without objects for the text tasks) are left out."""
     tasks = ("detection",) if stage == "det" else GROMA_TASKS
+    usable = [index for index in range(len(scenes)) if set(groma_tasks_of_scene(scenes[index])) & set(tasks)]
+    if not usable:
+        raise ValueError(
+            f"None of the {len(scenes)} scenes has annotations for the {stage or 'instruct'} stage's tasks "
+            f"{list(tasks)}; e.g. `det` needs boxes (COCO), REC referring expressions (RefCOCO)."
+        )
+    if len(usable) < len(scenes):
+        scenes = scenes.select(usable) if hasattr(scenes, "select") else [scenes[index] for index in usable]
     return GromaTrainingDataset(scenes, tasks=tasks, seed=seed)
 
 
@@ -246,6 +270,7 @@ GROMA_SYSTEM = register_system(
             collator=GromaCollator,
             stages=GROMA_STAGES,
             default_stage="instruct",
+            dataset_from_scenes=training_dataset_from_scenes,
         ),
         card_template="groma",
         demo=groma_demo_hook,

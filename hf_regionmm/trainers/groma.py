@@ -49,6 +49,7 @@ __all__ = [
     "GromaTrainer",
     "GromaTrainingDataset",
     "groma_examples_from_scene",
+    "groma_tasks_of_scene",
 ]
 
 _LANGUAGE_SIDE = (
@@ -138,9 +139,26 @@ def groma_examples_from_scene(scene: dict[str, Any], task: str, rng: random.Rand
     return example
 
 
+def groma_tasks_of_scene(scene: dict[str, Any]) -> tuple[str, ...]:
+    """The tasks (of `GROMA_TASKS` + `GROMA_EXTRA_TASKS`) a scene has annotations for: real-format data fills only
+    some columns (RefCOCO: expressions; COCO: boxes and categories; Visual Genome: region captions; Flickr30k
+    Entities: grounded captions)."""
+    has_boxes = len(scene["boxes"]) > 0
+    available = {
+        "rec": has_boxes and len(scene["referring_expressions"]) > 0,
+        "region_caption": has_boxes and len(scene["region_captions"]) == len(scene["boxes"]),
+        "multi_grounding": has_boxes and len(scene["categories"]) == len(scene["boxes"]),
+        "grounded_caption": has_boxes and bool(scene["grounded_caption"]),
+        "multi_turn_rec": has_boxes and len(scene["referring_expressions"]) > 0,
+        "detection": has_boxes,
+    }
+    return tuple(task for task, present in available.items() if present)
+
+
 class GromaTrainingDataset(torch.utils.data.Dataset):
     """Groma training examples over a scene data set, varied per epoch: in epoch `e`, sample i is task
-    `tasks[(i + e) % len(tasks)]` of scene i.
+    `tasks[(i + e) % len(tasks)]` of scene i (or, when the scene lacks that task's annotations, the next task in
+    `tasks` it has: `groma_tasks_of_scene`).
 
     Deterministic: the choice inside a task (which expression, which box, which category) is seeded by
     `(seed, epoch, i)`, so a scene that comes back in a later epoch shows another task and another expression, and a
@@ -173,7 +191,17 @@ class GromaTrainingDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         scene = self.scenes[index]
-        task = self.tasks[(index + self.epoch) % len(self.tasks)]
+        # The scheduled task, or the next one in `tasks` the scene has annotations for (real-format data sets fill
+        # only some columns).
+        offered = groma_tasks_of_scene(scene)
+        first = (index + self.epoch) % len(self.tasks)
+        rotation = self.tasks[first:] + self.tasks[:first]
+        task = next((candidate for candidate in rotation if candidate in offered), None)
+        if task is None:
+            raise ValueError(
+                f"Scene {index} ({scene.get('scene_id', '?')}) has annotations for {list(offered) or 'no task'} but "
+                f"the data set trains {list(self.tasks)}; pick tasks the data provides (see groma_tasks_of_scene)."
+            )
         if task == "detection":
             return {"image": scene["image"], "detection_boxes": [list(b) for b in scene["boxes"]], "task": task}
         # A string seed hashes deterministically (random.Random uses SHA-512 for str), unlike Python's hash().
