@@ -277,15 +277,19 @@ def _prefill_gflop(groma: GromaForConditionalGeneration, prompt_length: int, num
     pixels = sum(size * size for size in config.region_feature_map_sizes)
     fusion = config.region_encoder_fuse_rounds * pixels * embed_dim * embed_dim * 9 * 2
     level_convs = num_regions * config.region_encoder_num_levels * bins * embed_dim * embed_dim * 9 * 2
-    language_model = groma.model.language_model
-    llm_parameters = sum(p.numel() for p in language_model.parameters()) - language_model.embed_tokens.weight.numel()
-    llm = 2 * llm_parameters * prompt_length
+    llm = 2 * _llm_parameters(groma) * prompt_length
     region_encoder = fusion + level_convs
     return {
         "region_encoder_gflop": round(region_encoder / 1e9, 2),
         "llm_prefill_gflop": round(llm / 1e9, 2),
         "region_encoder_flop_share_vs_llm": round(region_encoder / (region_encoder + llm), 3),
     }
+
+
+def _llm_parameters(groma: GromaForConditionalGeneration) -> int:
+    """Non-embedding parameters of Groma's LLM: each costs 2 FLOPs per prompt token."""
+    language_model = groma.model.language_model
+    return sum(p.numel() for p in language_model.parameters()) - language_model.embed_tokens.weight.numel()
 
 
 def _paper_size_gflop() -> dict[str, float]:
@@ -307,20 +311,11 @@ def _paper_size_gflop() -> dict[str, float]:
     llava_inputs = _llava_processor(tokenizer, 336)(images=[image], text=[_llava_prompt(QUERY)], return_tensors="pt")
     llava_length = int(llava_inputs["input_ids"].shape[1])
     counts = _prefill_gflop(groma, groma_length, config.max_region_num)
-    language_model = groma.model.language_model
-    llm_parameters = sum(p.numel() for p in language_model.parameters()) - language_model.embed_tokens.weight.numel()
+    llm_parameters = _llm_parameters(groma)
     dinov2_tokens = (config.image_size // config.vision_config.patch_size) ** 2 + 1
     dinov2 = 2 * sum(p.numel() for p in groma.model.vision_tower.parameters()) * dinov2_tokens / 1e9
-    clip_config = CLIPVisionConfig(
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        image_size=336,
-        patch_size=14,
-    )
     with torch.device("meta"):
-        clip_parameters = sum(p.numel() for p in CLIPVisionModel(clip_config).parameters())
+        clip_parameters = sum(p.numel() for p in CLIPVisionModel(_llava_7b_config().vision_config).parameters())
     clip_large = 2 * clip_parameters * ((336 // 14) ** 2 + 1) / 1e9
     groma_total = counts["region_encoder_gflop"] + counts["llm_prefill_gflop"] + dinov2
     llava_total = 2 * llm_parameters * llava_length / 1e9 + clip_large
