@@ -6,7 +6,7 @@ import time
 
 import pytest
 import torch
-from transformers import CLIPVisionModel, LlamaModel, set_seed
+from transformers import CLIPVisionModel, LlamaModel, LogitsProcessorList, set_seed
 from transformers.models.sam.modeling_sam import SamMaskDecoder, SamPromptEncoder, SamVisionEncoder
 
 from hf_regionmm.modeling import configuration_ullava
@@ -495,3 +495,57 @@ def test_plain_trl_sft_trainer_trains_on_messages_and_images(processor, tmp_path
     losses = [entry["train_loss"] for entry in trainer.state.log_history if "train_loss" in entry]
     assert losses and all(torch.isfinite(torch.tensor(losses)))
     assert not torch.equal(before, model.model.multi_modal_projector.linear_1.weight.detach())
+
+
+class _ForceTokens:
+    """Logits processor writing `tokens` after the prompt (one per step), so generation emits `[SEG]`/`[LOC]`."""
+
+    def __init__(self, prompt_length: int, tokens: list[int]) -> None:
+        self.prompt_length, self.tokens = prompt_length, tokens
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        step = input_ids.shape[1] - self.prompt_length
+        if step < len(self.tokens):
+            scores = torch.full_like(scores, float("-inf"))
+            scores[:, self.tokens[step]] = 0.0
+        return scores
+
+
+def test_predict_from_generated_hidden_states_equals_the_teacher_forced_pass(model, processor):
+    config = model.config
+    scenes = _example_scenes()
+    prompt = processor(
+        images=[scenes[0]["image"], scenes[1]["image"]],
+        text=["where is the circle?", "find the big one"],
+        padding_side="left",
+        return_tensors="pt",
+    )
+    # Sample 0 writes a word, [SEG], [LOC] and more words; the heads read the states before the special tokens.
+    forced = [5, config.seg_token_id, config.loc_token_id, 6, 7]
+    with torch.no_grad():
+        generated = model.generate(
+            **{k: v for k, v in prompt.items() if k != "sam_pixel_values"},
+            max_new_tokens=len(forced),
+            min_new_tokens=len(forced),
+            do_sample=False,
+            logits_processor=LogitsProcessorList([_ForceTokens(prompt["input_ids"].shape[1], forced)]),
+            output_hidden_states=True,
+            return_dict_in_generate=True,
+        )
+        common = {
+            "pixel_values": prompt["pixel_values"],
+            "sam_pixel_values": prompt["sam_pixel_values"],
+            "image_sizes": prompt["image_sizes"],
+            "attention_mask": prompt["attention_mask"],
+        }
+        fast = model.predict(generated.sequences, generated_hidden_states=generated.hidden_states, **common)
+        slow = model.predict(generated.sequences, **common)
+    assert [masks.shape[0] for masks in fast.mask_logits] == [1, 1]
+    for name in ("mask_logits", "boxes"):
+        for ours, reference in zip(getattr(fast, name), getattr(slow, name), strict=True):
+            torch.testing.assert_close(ours, reference, atol=1e-4, rtol=1e-4)
+    for ours, reference in zip(fast.rec_boxes, slow.rec_boxes, strict=True):
+        torch.testing.assert_close(ours, reference, atol=1e-4, rtol=1e-4)
+    # The states of another call do not fit.
+    with pytest.raises(ValueError, match="generated_hidden_states"):
+        model.predict(generated.sequences[:, :-1], generated_hidden_states=generated.hidden_states, **common)

@@ -555,6 +555,24 @@ class ULlavaModel(ULlavaPreTrainedModel):
 # Head
 
 
+def _final_states_of_generation(generated_hidden_states: Any, sequences: torch.LongTensor) -> torch.Tensor:
+    """`(B, L_total - 1, hidden)` final LLM states of `sequences` from `generate`'s per-step hidden states: the
+    prefill's over the prompt, then one per decode step (the last generated token is never fed back)."""
+    if not isinstance(generated_hidden_states, (tuple, list)) or not generated_hidden_states:
+        raise TypeError(
+            "`generated_hidden_states` must be the `hidden_states` of `generate(..., output_hidden_states=True, "
+            f"return_dict_in_generate=True)`; got {type(generated_hidden_states).__name__}."
+        )
+    states = torch.cat([step[-1] for step in generated_hidden_states], dim=1)
+    if states.shape[0] != sequences.shape[0] or states.shape[1] != sequences.shape[1] - 1:
+        raise ValueError(
+            f"`generated_hidden_states` cover {states.shape[1]} positions of {states.shape[0]} sequences, but "
+            f"`sequences` {tuple(sequences.shape)} needs {sequences.shape[1] - 1}; pass the `sequences` and "
+            "`hidden_states` of the same `generate` call."
+        )
+    return states
+
+
 class ULlavaForConditionalGeneration(LanguageModelLoraMixin, ULlavaPreTrainedModel, GenerationMixin):
     """u-LLaVA with `lm_head`, the `[SEG]` mask head (`seg_projector` + SAM) and the `[LOC]` box head
     (`loc_projector` + `loc_head`).
@@ -673,6 +691,23 @@ class ULlavaForConditionalGeneration(LanguageModelLoraMixin, ULlavaPreTrainedMod
             height, width = (int(v) for v in image_sizes[row])
             masks.append(self.model.postprocess_masks(low_res, (height, width)))
         return masks
+
+    def _run_heads(
+        self,
+        input_ids: torch.LongTensor,
+        hidden_states: torch.Tensor,
+        sam_pixel_values: torch.Tensor | None,
+        image_sizes: torch.Tensor | None,
+    ) -> tuple[list[torch.Tensor] | None, torch.Tensor | None, torch.BoolTensor | None]:
+        """Mask head on the `[SEG]` states (when `sam_pixel_values` are given) and box head on the `[LOC]` states of
+        `hidden_states (B, >= L - 1, hidden)`, the final LLM states of `input_ids (B, L)`; None where a sequence has
+        no such token."""
+        pred_masks = pred_boxes = pred_boxes_mask = None
+        if sam_pixel_values is not None and bool((input_ids == self.config.seg_token_id).any()):
+            pred_masks = self._predict_masks(input_ids, hidden_states, sam_pixel_values, image_sizes)
+        if bool((input_ids == self.config.loc_token_id).any()):
+            pred_boxes, pred_boxes_mask = self._predict_boxes(input_ids, hidden_states)
+        return pred_masks, pred_boxes, pred_boxes_mask
 
     def _predict_boxes(
         self, input_ids: torch.LongTensor, hidden_states: torch.Tensor
@@ -838,17 +873,17 @@ class ULlavaForConditionalGeneration(LanguageModelLoraMixin, ULlavaPreTrainedMod
 
         pred_masks = pred_boxes = pred_boxes_mask = None
         if input_ids is not None and not is_decode_step:
-            if sam_pixel_values is not None and bool((input_ids == self.config.seg_token_id).any()):
-                if pixel_values is None:
-                    raise ValueError("`sam_pixel_values` need `pixel_values` of the same images.")
-                pred_masks = self._predict_masks(input_ids, hidden_states, sam_pixel_values, image_sizes)
-            elif seg_masks is not None and any(t is not None and t.shape[0] for t in seg_masks):
+            has_seg = sam_pixel_values is not None and bool((input_ids == self.config.seg_token_id).any())
+            if has_seg and pixel_values is None:
+                raise ValueError("`sam_pixel_values` need `pixel_values` of the same images.")
+            if not has_seg and seg_masks is not None and any(t is not None and t.shape[0] for t in seg_masks):
                 raise ValueError(
                     "`seg_masks` need `sam_pixel_values` (the SAM inputs of the images) to predict masks; "
                     "ULlavaProcessor returns them with `images=`."
                 )
-            if bool((input_ids == self.config.loc_token_id).any()):
-                pred_boxes, pred_boxes_mask = self._predict_boxes(input_ids, hidden_states)
+            pred_masks, pred_boxes, pred_boxes_mask = self._run_heads(
+                input_ids, hidden_states, sam_pixel_values, image_sizes
+            )
 
         loss, loss_dict = None, None
         if labels is not None:
@@ -901,18 +936,25 @@ class ULlavaForConditionalGeneration(LanguageModelLoraMixin, ULlavaPreTrainedMod
         image_sizes: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         pixel_values_videos: torch.FloatTensor | None = None,
+        generated_hidden_states: tuple | None = None,
         **kwargs: Any,
     ) -> ULlavaPrediction:
         """Run the mask and box heads on the `[SEG]`/`[LOC]` tokens of generated sequences.
 
         One teacher-forced pass over `sequences` (prompt + answer, as `generate` returns them) gives the same LLM
-        states as generation did (causal attention), so the masks and boxes belong to the generated answer.
+        states as generation did (causal attention), so the masks and boxes belong to the generated answer. Pass
+        `generated_hidden_states` to skip that pass: the heads then read the states generation computed.
 
         Args:
             sequences: `(B, L_total)` output of `generate`.
             pixel_values, sam_pixel_values, image_sizes, pixel_values_videos: the processor outputs of the prompt.
             attention_mask: `(B, L_prompt)` prompt mask (extended with ones over the generated tokens) or
                 `(B, L_total)`.
+            generated_hidden_states: `outputs.hidden_states` of `generate(..., output_hidden_states=True,
+                return_dict_in_generate=True)` (per step, per layer), whose `sequences` are passed. The LLM and its
+                vision tower do not run again (the SAM encoder still does, for masks). Needs
+                `config.seg_token_offset="previous"` (the released setting): the state of the last generated token
+                is never computed; with "current" the teacher-forced pass runs as without it.
 
         Returns:
             `ULlavaPrediction`: masks at the original image size, boxes normalized xyxy (white-padded square frame)
@@ -922,21 +964,26 @@ class ULlavaForConditionalGeneration(LanguageModelLoraMixin, ULlavaPreTrainedMod
         if attention_mask is not None and attention_mask.shape[1] < sequences.shape[1]:
             extra = attention_mask.new_ones(attention_mask.shape[0], sequences.shape[1] - attention_mask.shape[1])
             attention_mask = torch.cat([attention_mask, extra], dim=1)
-        outputs = self(
-            input_ids=sequences,
-            pixel_values=pixel_values,
-            pixel_values_videos=pixel_values_videos,
-            sam_pixel_values=sam_pixel_values,
-            image_sizes=image_sizes,
-            attention_mask=attention_mask,
-            use_cache=False,
-            logits_to_keep=1,
-            **kwargs,
-        )
+        if generated_hidden_states is not None and self.config.seg_token_offset == "previous":
+            states = _final_states_of_generation(generated_hidden_states, sequences)
+            pred_masks, pred_boxes, pred_boxes_mask = self._run_heads(sequences, states, sam_pixel_values, image_sizes)
+        else:
+            outputs = self(
+                input_ids=sequences,
+                pixel_values=pixel_values,
+                pixel_values_videos=pixel_values_videos,
+                sam_pixel_values=sam_pixel_values,
+                image_sizes=image_sizes,
+                attention_mask=attention_mask,
+                use_cache=False,
+                logits_to_keep=1,
+                **kwargs,
+            )
+            pred_masks, pred_boxes, pred_boxes_mask = outputs.pred_masks, outputs.pred_boxes, outputs.pred_boxes_mask
         batch_size = sequences.shape[0]
         threshold = self.config.mask_threshold
         image_rows = self._image_rows(sequences)
-        mask_logits = outputs.pred_masks
+        mask_logits = pred_masks
         if mask_logits is None:
             # No [SEG] was generated: an empty (0, H, W) stack per sample keeps the per-sample layout.
             mask_logits = []
@@ -945,10 +992,10 @@ class ULlavaForConditionalGeneration(LanguageModelLoraMixin, ULlavaPreTrainedMod
                 mask_logits.append(torch.zeros(0, height, width, device=sequences.device))
         boxes: list[torch.Tensor] = []
         for sample in range(batch_size):
-            if outputs.pred_boxes is None:
+            if pred_boxes is None:
                 boxes.append(sequences.new_zeros(0, 4, dtype=torch.float32))
             else:
-                sample_boxes = outputs.pred_boxes[sample][outputs.pred_boxes_mask[sample]]
+                sample_boxes = pred_boxes[sample][pred_boxes_mask[sample]]
                 boxes.append(order_box_corners(sample_boxes).clamp(0.0, 1.0))
         rec_boxes: list[torch.Tensor | None] = []
         for sample in range(batch_size):
