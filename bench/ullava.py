@@ -4,8 +4,9 @@
    `predict` on the sequence (the `[SEG]` head: SAM image encoder + mask decoder, masks at the original size; the
    `[LOC]` head: a box), vs transformers' `LlavaForConditionalGeneration.generate` (same CLIP + Llama config, same
    prompt ids) followed by `SamModel` prompted with a box (same SAM config) and `SamImageProcessor.post_process_masks`
-   to the original size. A random-weight model rarely emits `[SEG]`/`[LOC]`, so the last two generated tokens are
-   replaced by them before `predict`, as in an answer "... Mask: [SEG]; Location: [LOC]". Paper sizes (CLIP-L/14 at
+   to the original size. A random-weight model rarely emits `[SEG]`/`[LOC]`, so a logits processor makes them the
+   last two generated tokens, as in an answer "... Mask: [SEG]; Location: [LOC]"; `predict` reads their states from
+   `generate(..., output_hidden_states=True)` instead of running the LLM again. Paper sizes (CLIP-L/14 at
    224 -> 256 tokens, Vicuna-7B, SAM ViT-H at 1024) cannot run on a 2-core CPU: every width is scaled by 1/8 (LLM
    512, CLIP 128, SAM encoder 160, prompt/mask decoder 32), token counts and image sides are kept (256 CLIP tokens,
    64x64 SAM patches), depths kept (quick: 1/4). LLaVA's projector is its own 2-layer MLP, u-LLaVA's the released
@@ -25,6 +26,7 @@ from transformers import (
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LogitsProcessorList,
     SamConfig,
     SamImageProcessor,
     SamModel,
@@ -138,6 +140,23 @@ def _build(quick: bool):
     return sizes, ours, llava, sam, processor, sam_processor
 
 
+class _ForceAnswerTail:
+    """Logits processor: the last `len(tail)` of `new_tokens` generated tokens are `tail` (`[SEG]`, `[LOC]`), as in
+    an answer "... Mask: [SEG]; Location: [LOC]", which a random-weight model would rarely write itself."""
+
+    def __init__(self, prompt_length: int, new_tokens: int, tail: list[int]) -> None:
+        self.first = prompt_length + new_tokens - len(tail)
+        self.tail = tail
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        step = input_ids.shape[1] - self.first
+        if 0 <= step < len(self.tail):
+            forced = torch.full_like(scores, float("-inf"))
+            forced[:, self.tail[step]] = 0.0
+            return forced
+        return scores
+
+
 def _one_pass_comparison(quick: bool, repeats: int, built) -> Comparison:
     sizes, ours, llava, sam, processor, sam_processor = built
     image = _image()
@@ -147,15 +166,26 @@ def _one_pass_comparison(quick: bool, repeats: int, built) -> Comparison:
     seg_id, loc_id = ours.config.seg_token_id, ours.config.loc_token_id
     sam_inputs = sam_processor(images=[image], return_tensors="pt")
 
+    force_tail = LogitsProcessorList(
+        [_ForceAnswerTail(int(prompt["input_ids"].shape[1]), NEW_TOKENS, [seg_id, loc_id])]
+    )
+
     def ours_pass():
-        sequences = ours.generate(**prompt, **generation)
-        sequences[:, -2], sequences[:, -1] = seg_id, loc_id
+        generated = ours.generate(
+            **prompt,
+            **generation,
+            logits_processor=force_tail,
+            output_hidden_states=True,
+            return_dict_in_generate=True,
+        )
+        # The heads read the states generation computed: no second pass over prompt + answer.
         prediction = ours.predict(
-            sequences,
+            generated.sequences,
             pixel_values=inputs["pixel_values"],
             sam_pixel_values=inputs["sam_pixel_values"],
             image_sizes=inputs["image_sizes"],
             attention_mask=inputs["attention_mask"],
+            generated_hidden_states=generated.hidden_states,
         )
         assert prediction.masks[0].shape == (1, image.height, image.width) and prediction.boxes[0].shape == (1, 4)
         return prediction
@@ -180,8 +210,8 @@ def _one_pass_comparison(quick: bool, repeats: int, built) -> Comparison:
         repeats=repeats,
         target="<= 1.0",
         notes=(
-            "Same CLIP/Llama/SAM configs and prompt ids; scale in extra. `predict` re-runs CLIP and the LLM over "
-            "prompt + answer (teacher forced) to read the [SEG]/[LOC] states; the SAM image encoder runs once on "
+            "Same CLIP/Llama/SAM configs and prompt ids; scale in extra. `predict` reads the [SEG]/[LOC] states "
+            "from `generate(output_hidden_states=True)` (no second LLM pass); the SAM image encoder runs once on "
             "both sides."
         ),
         extra={"scale": sizes["scale"], "prompt_length": prompt_length, "new_tokens": NEW_TOKENS, "image": "640x480"},
