@@ -23,8 +23,8 @@ shapes (about 82-87% of referred objects get a region with IoU > 0.5), the LLM l
 region captions start to name the shapes' attributes (CIDEr-D ~0 -> ~0.47). REC acc@0.5 goes from 0 to ~0.31, but
 that is the proposer's top-scoring region (`<r0>` in 88-97% of answers, by run): a 64-wide 2-layer LLM trained
 from scratch does not learn to pick the slot that matches the expression within this budget (the pointer has to
-bridge ~100 prompt tokens; REC-only runs of 3000 steps, 3-layer or 128-wide LLMs and multi-turn REC conversations did not get
-it either). The card and `metrics.json` report the share of REC answers that name `<r0>`.
+bridge ~100 prompt tokens; REC-only runs of 3000 steps, 3-layer or 128-wide LLMs and multi-turn REC conversations
+did not get it either). The card and `metrics.json` report the share of REC answers that name `<r0>`.
 
 Why slot selection is not learned (measured; 32 held-out scenes, 193 expressions, the same det proposer, 150 align +
 1200 instruct steps each):
