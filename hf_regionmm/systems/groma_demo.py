@@ -67,8 +67,9 @@ Why slot selection is not learned (measured; 32 held-out scenes, 193 expressions
   seed), yet a model warmed up that way and then trained on multi-turn REC with shuffled slots still answers at
   chance (0.20): matching a multi-word expression to a region feature is a larger step than matching a token to
   itself. In the REC layout itself (text-only: `<rK> word` slots, then 8 turns "Locate <p>the word</p> ..." ->
-  `<roi><rK></roi>`, batch 16) the circuit does not form in 3000 steps (~140 s; slot accuracy at chance, 0.13). A pretrained LLM (Vicuna in the paper) brings the circuit; a tiny random one needs more than the demo's
-  minutes of CPU.
+  `<roi><rK></roi>`, batch 16) the circuit does not form in 3000 steps (~140 s; slot accuracy at chance, 0.13).
+  A pretrained LLM (Vicuna in the paper) brings the circuit; a tiny random one needs more than the demo's minutes
+  of CPU.
 
 None beats the score-order shortcut, so the defaults keep the previous recipe.
 """
