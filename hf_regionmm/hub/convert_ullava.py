@@ -51,7 +51,7 @@ from typing import Any
 
 import torch
 from tokenizers import Tokenizer
-from transformers import AutoTokenizer, PreTrainedTokenizerFast, SamImageProcessor
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from hf_regionmm.hub.conversion import (
     check_destination,
@@ -65,7 +65,6 @@ from hf_regionmm.hub.conversion import (
 from hf_regionmm.hub.convert_groma import load_released_state_dict
 from hf_regionmm.modeling.configuration_ullava import ULLAVA_NEW_TOKENS, ULlavaConfig
 from hf_regionmm.modeling.modeling_ullava import ULlavaForConditionalGeneration
-from hf_regionmm.processing.image_processing_ullava import ULlavaImageProcessor
 from hf_regionmm.processing.processing_ullava import ULlavaProcessor, add_ullava_special_tokens
 
 __all__ = [
@@ -572,14 +571,7 @@ def _build_processor(tokenizer_source: Path, config: ULlavaConfig) -> ULlavaProc
             f"`source` tokenizer has {len(tokenizer)} tokens with u-LLaVA's, but the model's vocabulary is "
             f"{config.text_config.vocab_size}; the tokenizer does not belong to this checkpoint."
         )
-    side = config.sam_image_size
-    return ULlavaProcessor(
-        ULlavaImageProcessor(size={"height": config.image_size, "width": config.image_size}),
-        SamImageProcessor(size={"longest_edge": side}, pad_size={"height": side, "width": side}),
-        tokenizer,
-        num_image_tokens=config.num_image_tokens,
-        num_video_frames=config.num_video_frames,
-    )
+    return ULlavaProcessor.from_model_config(config, tokenizer)
 
 
 def _read_released_config(source: Path) -> dict[str, Any] | None:

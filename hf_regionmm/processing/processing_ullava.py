@@ -28,10 +28,10 @@ from typing import Any
 import numpy as np
 import PIL.Image
 import torch
-from transformers import BatchFeature
+from transformers import BatchFeature, SamImageProcessor
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin, Unpack
 
-from .image_processing_ullava import pad_to_square_offsets
+from .image_processing_ullava import ULlavaImageProcessor, pad_to_square_offsets
 from .region_inputs import validate_image_sizes, validate_pixel_boxes
 
 __all__ = [
@@ -359,6 +359,20 @@ class ULlavaProcessor(ProcessorMixin):
             tokenizer.pad_token = PAD_TOKEN
         super().__init__(
             image_processor, sam_image_processor, tokenizer, chat_template=chat_template or ULLAVA_CHAT_TEMPLATE
+        )
+
+    @classmethod
+    def from_model_config(cls, config: Any, tokenizer: Any) -> ULlavaProcessor:
+        """The processor a `ULlavaConfig` expects, around `tokenizer`: the CLIP branch at `config.image_size`, the SAM
+        branch at `config.sam_image_size` (longest edge, padded square), `config.num_image_tokens` and
+        `config.num_video_frames`."""
+        side = config.sam_image_size
+        return cls(
+            ULlavaImageProcessor(size={"height": config.image_size, "width": config.image_size}),
+            SamImageProcessor(size={"longest_edge": side}, pad_size={"height": side, "width": side}),
+            tokenizer,
+            num_image_tokens=config.num_image_tokens,
+            num_video_frames=config.num_video_frames,
         )
 
     @staticmethod

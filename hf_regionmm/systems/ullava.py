@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import PreTrainedModel, SamImageProcessor
+from transformers import PreTrainedModel
 
 from hf_regionmm.data.synthetic import decode_masks, generate_scenes, generate_videos, split_words, vocabulary_words
 from hf_regionmm.data.tiny_tokenizer import build_word_tokenizer
@@ -71,14 +71,7 @@ def tiny_ullava_processor() -> ULlavaProcessor:
     """An offline `ULlavaProcessor` for the tiny config: 56 px CLIP input, 64 px SAM input, word-level tokenizer."""
     config = tiny_ullava_config()
     tokenizer = build_word_tokenizer(tiny_ullava_words(), extra_special_tokens=ULLAVA_NEW_TOKENS)
-    side = config.sam_image_size
-    return ULlavaProcessor(
-        ULlavaImageProcessor(size={"height": config.image_size, "width": config.image_size}),
-        SamImageProcessor(size={"longest_edge": side}, pad_size={"height": side, "width": side}),
-        tokenizer,
-        num_image_tokens=config.num_image_tokens,
-        num_video_frames=config.num_video_frames,
-    )
+    return ULlavaProcessor.from_model_config(config, tokenizer)
 
 
 @lru_cache(maxsize=1)
