@@ -21,7 +21,6 @@ Documented deviations: the released code fills `<refer_box>` inside the model; h
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from collections.abc import Sequence
@@ -32,6 +31,7 @@ import torch
 from transformers import BatchFeature
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin, Unpack
 
+from .chat_templates import MESSAGE_TEXT_AND_IMAGE_COUNT, jinja_literal
 from .region_inputs import validate_image_sizes, validate_pixel_boxes
 
 __all__ = [
@@ -167,22 +167,11 @@ def build_prompt(query: str, history: Sequence[tuple[str, str]] = (), system: st
     return "".join(parts)
 
 
-def _jinja_literal(text: str) -> str:
-    return json.dumps(text)
-
-
 # The same string as `build_prompt`, for `apply_chat_template`; `{% generation %}` marks assistant text for
 # `return_assistant_tokens_mask` (trl's assistant-only loss).
 GROMA_CHAT_TEMPLATE = (
-    "{%- set ns = namespace(system=" + _jinja_literal(GROMA_SYSTEM_PROMPT) + ", started=false, expect='user') -%}"
-    "{%- for message in messages -%}"
-    "{%- if message['content'] is string -%}"
-    "{%- set text = message['content'] -%}{%- set n_images = 0 -%}"
-    "{%- else -%}"
-    "{%- set text = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ') -%}"
-    "{%- set n_images = message['content'] | selectattr('type', 'equalto', 'image') | list | length -%}"
-    "{%- endif -%}"
-    "{%- if message['role'] == 'system' -%}"
+    "{%- set ns = namespace(system=" + jinja_literal(GROMA_SYSTEM_PROMPT) + ", started=false, expect='user') -%}"
+    "{%- for message in messages -%}" + MESSAGE_TEXT_AND_IMAGE_COUNT + "{%- if message['role'] == 'system' -%}"
     "{%- if not loop.first -%}{{ raise_exception('Groma: a system message may only come first.') }}{%- endif -%}"
     "{%- set ns.system = text -%}"
     "{%- elif message['role'] == 'user' -%}"
@@ -195,7 +184,7 @@ GROMA_CHAT_TEMPLATE = (
     "{%- endif -%}"
     "{%- if not text -%}{{ raise_exception('Groma: the first user message needs a text query.') }}{%- endif -%}"
     "{{- ns.system + "
-    + _jinja_literal(f" USER: {FIRST_USER_TURN} ASSISTANT: {FIRST_ASSISTANT_TURN}{EOS_TOKEN}")
+    + jinja_literal(f" USER: {FIRST_USER_TURN} ASSISTANT: {FIRST_ASSISTANT_TURN}{EOS_TOKEN}")
     + " -}}"
     "{%- set ns.started = true -%}"
     "{%- elif n_images > 0 -%}"
@@ -207,13 +196,13 @@ GROMA_CHAT_TEMPLATE = (
     "{%- if ns.expect != 'assistant' -%}"
     "{{ raise_exception('Groma: messages must alternate user / assistant, starting with the user.') }}"
     "{%- endif -%}"
-    "{{- 'ASSISTANT: ' -}}{% generation %}{{- text + " + _jinja_literal(EOS_TOKEN) + " -}}{% endgeneration %}"
+    "{{- 'ASSISTANT: ' -}}{% generation %}{{- text + " + jinja_literal(EOS_TOKEN) + " -}}{% endgeneration %}"
     "{%- set ns.expect = 'user' -%}"
     "{%- else -%}"
     "{{ raise_exception('Groma: unknown role ' + message['role'] + '; use system, user or assistant.') }}"
     "{%- endif -%}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- " + _jinja_literal(GENERATION_PROMPT) + " -}}{%- endif -%}"
+    "{%- if add_generation_prompt -%}{{- " + jinja_literal(GENERATION_PROMPT) + " -}}{%- endif -%}"
 )
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -16,7 +16,6 @@ The prompts of an image are ordered points, then boxes, then sketches; training 
 
 from __future__ import annotations
 
-import json
 import numbers
 from typing import Any
 
@@ -25,6 +24,7 @@ import torch
 from transformers import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
+from .chat_templates import MESSAGE_TEXT_AND_IMAGE_COUNT, jinja_literal
 from .region_inputs import validate_image_sizes, validate_pixel_boxes, validate_points
 
 __all__ = ["TAP_CHAT_TEMPLATE", "TapChatProcessor", "TapProcessor", "TAP_PAD_LABEL", "caption_prompt", "chat_prompt"]
@@ -353,12 +353,8 @@ def caption_prompt() -> str:
     return IMAGE_TOKEN
 
 
-def _jinja_literal(text: str) -> str:
-    return json.dumps(text)
-
-
 def _jinja_error(message: str) -> str:
-    return "{{ raise_exception(" + _jinja_literal(f"TAP-Chat: {message}") + ") }}"
+    return "{{ raise_exception(" + jinja_literal(f"TAP-Chat: {message}") + ") }}"
 
 
 # `chat_prompt` / `caption_prompt` as a chat template. A user turn already ends with the `ASSISTANT:` cue (as in
@@ -369,14 +365,7 @@ def _jinja_error(message: str) -> str:
 # the answers for `return_assistant_tokens_mask` (trl's `assistant_only_loss`).
 TAP_CHAT_TEMPLATE = (
     "{%- set ns = namespace(started=false, caption=false, expect='user') -%}"
-    "{%- for message in messages -%}"
-    "{%- if message['content'] is string -%}"
-    "{%- set text = message['content'] -%}{%- set n_images = 0 -%}"
-    "{%- else -%}"
-    "{%- set text = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ') -%}"
-    "{%- set n_images = message['content'] | selectattr('type', 'equalto', 'image') | list | length -%}"
-    "{%- endif -%}"
-    "{%- if message['role'] == 'user' -%}"
+    "{%- for message in messages -%}" + MESSAGE_TEXT_AND_IMAGE_COUNT + "{%- if message['role'] == 'user' -%}"
     "{%- if ns.expect != 'user' -%}"
     + _jinja_error("messages must alternate user / assistant, starting with the user.")
     + "{%- endif -%}"
@@ -385,9 +374,9 @@ TAP_CHAT_TEMPLATE = (
     + _jinja_error('the first user message must hold exactly one {"type": "image"} entry.')
     + "{%- endif -%}"
     "{%- if text | trim == '' -%}"
-    "{{- " + _jinja_literal(IMAGE_TOKEN) + " -}}{%- set ns.caption = true -%}"
+    "{{- " + jinja_literal(IMAGE_TOKEN) + " -}}{%- set ns.caption = true -%}"
     "{%- else -%}"
-    "{{- " + _jinja_literal(f"USER: {IMAGE_TOKEN}\n") + " + text + ' ASSISTANT:' -}}"
+    "{{- " + jinja_literal(f"USER: {IMAGE_TOKEN}\n") + " + text + ' ASSISTANT:' -}}"
     "{%- endif -%}"
     "{%- set ns.started = true -%}"
     "{%- else -%}"

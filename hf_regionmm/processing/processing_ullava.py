@@ -19,7 +19,6 @@ checks that they agree).
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from collections.abc import Sequence
@@ -31,6 +30,7 @@ import torch
 from transformers import BatchFeature, SamImageProcessor
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin, Unpack
 
+from .chat_templates import MESSAGE_TEXT, jinja_literal
 from .image_processing_ullava import ULlavaImageProcessor, pad_to_square_offsets
 from .region_inputs import validate_image_sizes, validate_pixel_boxes
 
@@ -226,20 +226,14 @@ def build_prompt(
     return "".join(parts)
 
 
-def _jinja_literal(text: str) -> str:
-    return json.dumps(text)
-
-
 # The same string as `build_prompt`, for `apply_chat_template`: an {"type": "image"} / {"type": "video"} entry puts
 # `<image>\n` / `<video>\n` before the text of its message. `{% generation %}` marks assistant text for trl.
 ULLAVA_CHAT_TEMPLATE = (
-    "{%- set ns = namespace(system=" + _jinja_literal(ULLAVA_SYSTEM_PROMPT) + ", started=false, visual='') -%}"
+    "{%- set ns = namespace(system=" + jinja_literal(ULLAVA_SYSTEM_PROMPT) + ", started=false, visual='') -%}"
     "{%- for message in messages -%}"
     "{%- set ns.visual = '' -%}"
     "{%- if message['content'] is string -%}{%- set text = message['content'] -%}"
-    "{%- else -%}"
-    "{%- set text = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ') -%}"
-    "{%- for item in message['content'] -%}"
+    "{%- else -%}" + MESSAGE_TEXT + "{%- for item in message['content'] -%}"
     "{%- if item['type'] == 'image' -%}{%- set ns.visual = ns.visual + '<image>\\n' -%}"
     "{%- elif item['type'] == 'video' -%}{%- set ns.visual = ns.visual + '<video>\\n' -%}{%- endif -%}"
     "{%- endfor -%}"
@@ -249,7 +243,7 @@ ULLAVA_CHAT_TEMPLATE = (
     "{%- if not ns.started -%}{{- ns.system + ' ' -}}{%- set ns.started = true -%}{%- endif -%}"
     "{{- 'USER: ' + ns.visual + text + ' " + GENERATION_PROMPT + "' -}}"
     "{%- elif message['role'] == 'assistant' -%}"
-    "{{- ' ' -}}{% generation %}{{- text + " + _jinja_literal(EOS_TOKEN) + " -}}{% endgeneration %}"
+    "{{- ' ' -}}{% generation %}{{- text + " + jinja_literal(EOS_TOKEN) + " -}}{% endgeneration %}"
     "{%- else -%}{{ raise_exception('u-LLaVA: unknown role ' + message['role']) }}{%- endif -%}"
     "{%- endfor -%}"
 )
