@@ -29,6 +29,7 @@ from hf_regionmm.processing.image_processing_groma import GromaImageProcessor
 from hf_regionmm.processing.processing_groma import GromaProcessor
 from hf_regionmm.registry import BadInputCase, SystemSpec, TrainingRecipe, register_system
 from hf_regionmm.trainers.groma import (
+    GROMA_ANNOTATION_COLUMNS,
     GROMA_STAGES,
     GROMA_TASKS,
     GromaCollator,
@@ -198,7 +199,11 @@ def training_dataset_from_scenes(
     box targets for `det`, otherwise the mixed region tasks each scene has annotations for. Scenes with none of
     them (e.g. a COCO image without objects for the text tasks) are left out."""
     tasks = ("detection",) if stage == "det" else GROMA_TASKS
-    usable = [index for index in range(len(scenes)) if set(groma_tasks_of_scene(scenes[index])) & set(tasks)]
+    # Only the annotation columns: reading whole rows of a `datasets.Dataset` would decode every image here.
+    annotations = (
+        scenes.select_columns(list(GROMA_ANNOTATION_COLUMNS)) if hasattr(scenes, "select_columns") else scenes
+    )
+    usable = [index for index in range(len(scenes)) if set(groma_tasks_of_scene(annotations[index])) & set(tasks)]
     if not usable:
         raise ValueError(
             f"None of the {len(scenes)} scenes has annotations for the {stage or 'instruct'} stage's tasks "

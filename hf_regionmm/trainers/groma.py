@@ -42,6 +42,7 @@ from ..processing.processing_groma import (
 from .region_trainer import RegionTrainer, TrainingStage
 
 __all__ = [
+    "GROMA_ANNOTATION_COLUMNS",
     "GROMA_EXTRA_TASKS",
     "GROMA_STAGES",
     "GROMA_TASKS",
@@ -137,6 +138,10 @@ def groma_examples_from_scene(scene: dict[str, Any], task: str, rng: random.Rand
     else:
         raise ValueError(f"Unknown Groma task {task!r}; choose one of {(*GROMA_TASKS, *GROMA_EXTRA_TASKS)}.")
     return example
+
+
+# The scene columns `groma_tasks_of_scene` reads (no image: callers may select just these to skip decoding).
+GROMA_ANNOTATION_COLUMNS = ("boxes", "referring_expressions", "region_captions", "categories", "grounded_caption")
 
 
 def groma_tasks_of_scene(scene: dict[str, Any]) -> tuple[str, ...]:
