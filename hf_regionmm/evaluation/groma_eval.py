@@ -31,6 +31,7 @@ from transformers import AutoModelForImageTextToText
 
 from ..data.synthetic import SHAPE_PLURALS, SHAPES, generate_scenes
 from ..processing.processing_groma import multi_grounding_prompt, rec_prompt, region_caption_prompt
+from ..trainers.groma import groma_tasks_of_scene
 from . import load_metric
 from .checkpoint_eval import check_positive_int, load_checkpoint, write_predictions
 
@@ -220,18 +221,10 @@ def _scene_list(scenes: Any, tasks: Sequence[str]) -> list[Mapping[str, Any]]:
 
 def evaluable_tasks(scenes: Any) -> tuple[str, ...]:
     """The tasks of `GROMA_EVAL_TASKS` that at least one scene has annotations for (real-format data fills only some
-    columns of the scene schema: RefCOCO expressions, COCO categories, Visual Genome region descriptions)."""
-    rows = [scenes[index] for index in range(len(scenes))]
-
-    def present(row: Mapping[str, Any], task: str) -> bool:
-        if not row.get("boxes"):
-            return False
-        if task == "rec":
-            return bool(row.get("referring_expressions"))
-        key = "categories" if task == "multi_grounding" else "region_captions"
-        return len(row.get(key) or []) == len(row["boxes"])
-
-    return tuple(task for task in GROMA_EVAL_TASKS if any(present(row, task) for row in rows))
+    columns of the scene schema: RefCOCO expressions, COCO categories, Visual Genome region descriptions); the same
+    rules as training (`groma_tasks_of_scene`)."""
+    offered = {task for index in range(len(scenes)) for task in groma_tasks_of_scene(scenes[index])}
+    return tuple(task for task in GROMA_EVAL_TASKS if task in offered)
 
 
 def _plural(category: str) -> str:

@@ -147,14 +147,20 @@ GROMA_ANNOTATION_COLUMNS = ("boxes", "referring_expressions", "region_captions",
 def groma_tasks_of_scene(scene: dict[str, Any]) -> tuple[str, ...]:
     """The tasks (of `GROMA_TASKS` + `GROMA_EXTRA_TASKS`) a scene has annotations for: real-format data fills only
     some columns (RefCOCO: expressions; COCO: boxes and categories; Visual Genome: region captions; Flickr30k
-    Entities: grounded captions)."""
-    has_boxes = len(scene["boxes"]) > 0
+    Entities: grounded captions). A missing column counts as empty."""
+
+    def count(key: str) -> int:
+        value = scene.get(key)
+        return 0 if value is None else len(value)
+
+    num_boxes = count("boxes")
+    has_boxes = num_boxes > 0
     available = {
-        "rec": has_boxes and len(scene["referring_expressions"]) > 0,
-        "region_caption": has_boxes and len(scene["region_captions"]) == len(scene["boxes"]),
-        "multi_grounding": has_boxes and len(scene["categories"]) == len(scene["boxes"]),
-        "grounded_caption": has_boxes and bool(scene["grounded_caption"]),
-        "multi_turn_rec": has_boxes and len(scene["referring_expressions"]) > 0,
+        "rec": has_boxes and count("referring_expressions") > 0,
+        "region_caption": has_boxes and count("region_captions") == num_boxes,
+        "multi_grounding": has_boxes and count("categories") == num_boxes,
+        "grounded_caption": has_boxes and count("grounded_caption") > 0,
+        "multi_turn_rec": has_boxes and count("referring_expressions") > 0,
         "detection": has_boxes,
     }
     return tuple(task for task, present in available.items() if present)
