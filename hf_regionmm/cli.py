@@ -114,8 +114,7 @@ def _real_data(args: argparse.Namespace) -> Any:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from transformers import AutoProcessor
-
+    from .evaluation.checkpoint_eval import load_checkpoint
     from .registry import get_system
     from .trainers.region_trainer import stage_by_name
     from .trainers.tiny_training import build_tiny_trainer
@@ -126,13 +125,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     model = processor = train_dataset = None
     if args.model is not None:
         # Start from a saved checkpoint, e.g. the previous stage's output (det -> align -> instruct).
-        if not (Path(args.model) / "config.json").is_file():
-            raise ValueError(
-                f"`--model` {args.model} holds no config.json; pass a folder written by `hf-regionmm train` or "
-                "save_pretrained (model and processor)."
-            )
-        model = spec.model_classes[spec.main_auto_class].from_pretrained(args.model)
-        processor = AutoProcessor.from_pretrained(args.model)
+        model, processor = load_checkpoint(args.model, spec.model_classes[spec.main_auto_class], name="--model")
     scenes = _real_data(args)
     if scenes is not None:
         recipe = spec.training

@@ -23,14 +23,15 @@ def check_positive_int(value: Any, name: str) -> int:
     return value
 
 
-def load_checkpoint(checkpoint: str | Path, auto_class: Any) -> tuple[Any, Any]:
-    """Model (through `auto_class`, e.g. `AutoModelForImageTextToText`) and processor of a `save_pretrained` folder."""
+def load_checkpoint(checkpoint: str | Path, auto_class: Any, name: str = "checkpoint") -> tuple[Any, Any]:
+    """Model (through `auto_class`, e.g. `AutoModelForImageTextToText`) and processor of a `save_pretrained` folder;
+    `name` is the argument named in the error when the folder holds no config.json."""
     import hf_regionmm  # noqa: F401  (registers every system with the Auto classes)
 
     checkpoint = Path(checkpoint)
     if not (checkpoint / "config.json").is_file():
         raise ValueError(
-            f"`checkpoint` {checkpoint} holds no config.json; pass a folder written by save_pretrained (model and "
+            f"`{name}` {checkpoint} holds no config.json; pass a folder written by save_pretrained (model and "
             "processor)."
         )
     return auto_class.from_pretrained(checkpoint), AutoProcessor.from_pretrained(checkpoint)
