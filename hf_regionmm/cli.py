@@ -114,6 +114,8 @@ def _real_data(args: argparse.Namespace) -> Any:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    import torch
+
     from .evaluation.checkpoint_eval import load_checkpoint
     from .registry import get_system
     from .trainers.region_trainer import stage_by_name
@@ -149,7 +151,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         train_dataset=train_dataset,
         stage=args.stage,
         use_stage_optimizer=True,
+        # The tiny synthetic runs pin the CPU; a user's run takes the accelerator when there is one, as Trainer does.
+        use_cpu=args.cpu,
+        dataloader_pin_memory=not args.cpu and torch.accelerator.is_available(),
     )
+    _progress(f"training on {trainer.args.device}")
     trainer.train()
     trainer.save_model(args.output_dir)
     trainer.processing_class.save_pretrained(args.output_dir)
@@ -270,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--num-samples", type=int, default=256)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--model", help="start from this checkpoint folder (e.g. the previous stage's --output-dir)")
+    train.add_argument(
+        "--cpu", action="store_true", help="train on the CPU even when a GPU is present (default: the GPU if any)"
+    )
     _add_data_arguments(train)
     train.set_defaults(func=_cmd_train)
 

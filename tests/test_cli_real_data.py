@@ -114,3 +114,25 @@ def test_bad_command_lines_fail_with_a_named_error(tmp_path: Path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["train", "groma", *output, "--data", "nope"])
     assert not (tmp_path / "out").exists()
+
+
+def test_train_takes_the_accelerator_unless_told_cpu(tmp_path: Path, monkeypatch, capsys):
+    # `build_tiny_trainer` pins the CPU for the library's own tiny runs; the command line leaves the device to Trainer
+    # (a GPU when there is one) and pins the CPU only with --cpu.
+    from hf_regionmm.trainers import tiny_training
+
+    built = []
+    original = tiny_training.build_tiny_trainer
+
+    def recording(*args, **kwargs):
+        trainer = original(*args, **kwargs)
+        built.append(trainer)
+        return trainer
+
+    monkeypatch.setattr(tiny_training, "build_tiny_trainer", recording)
+    argv = ["train", "groma", "--stage", "det", "--max-steps", "1", "--batch-size", "2", "--num-samples", "2"]
+    assert cli.main([*argv, "--output-dir", str(tmp_path / "default")]) == 0
+    assert cli.main([*argv, "--output-dir", str(tmp_path / "cpu"), "--cpu"]) == 0
+    assert [trainer.args.use_cpu for trainer in built] == [False, True]
+    assert built[1].args.device.type == "cpu"
+    assert f"training on {built[0].args.device}" in capsys.readouterr().out
