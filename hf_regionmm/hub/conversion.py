@@ -14,7 +14,7 @@ import pickle
 import shutil
 import tempfile
 import zipfile
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ __all__ = [
     "expected_shapes",
     "format_keys",
     "check_loading_info",
+    "instantiate_converted",
     "load_weight_file",
     "resolve_dtype",
     "torch_load_weights_only",
@@ -127,6 +128,37 @@ def check_loading_info(loading_info: Mapping[str, Any], allowed_missing: Collect
     problems = {name: values for name, values in problems.items() if values}
     if problems:
         raise ValueError(f"Loading the converted weights was not exact: {problems}. Nothing was written.")
+
+
+def instantiate_converted(
+    model_class: type[PreTrainedModel],
+    config: Any,
+    state_dict: dict[str, torch.Tensor],
+    dtype: torch.dtype,
+    *,
+    keep_fp32: tuple[str, ...] = (),
+    allowed_missing: Collection[str] | Callable[[PreTrainedModel], Collection[str]] = (),
+) -> PreTrainedModel:
+    """Build `model_class(config)` on a converted state dict and check that it loaded exactly.
+
+    The floating tensors of `state_dict` are cast to `dtype` in place (those whose key starts with a `keep_fp32`
+    prefix stay float32 when `dtype` is float16); `state_dict=` makes transformers use them as the parameters, so
+    the weights are never held twice. Parameters the state dict lacks are initialised under a fixed seed, so a
+    conversion is repeatable; they must be in `allowed_missing` (names, or a function of the loaded model that
+    returns them), or `check_loading_info` raises and nothing is written.
+    """
+    for key, tensor in state_dict.items():
+        if tensor.is_floating_point():
+            wanted = torch.float32 if dtype == torch.float16 and key.startswith(keep_fp32) else dtype
+            if tensor.dtype != wanted:
+                state_dict[key] = tensor.to(wanted)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model, loading_info = model_class.from_pretrained(
+            None, config=config, state_dict=state_dict, dtype=dtype, output_loading_info=True
+        )
+    check_loading_info(loading_info, allowed_missing(model) if callable(allowed_missing) else allowed_missing)
+    return model
 
 
 def write_converted_checkpoint(

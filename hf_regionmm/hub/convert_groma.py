@@ -57,9 +57,9 @@ from transformers import AutoTokenizer
 
 from hf_regionmm.hub.conversion import (
     check_destination,
-    check_loading_info,
     expected_shapes,
     format_keys,
+    instantiate_converted,
     load_weight_file,
     resolve_dtype,
     write_converted_checkpoint,
@@ -590,17 +590,9 @@ def convert_groma_checkpoint(
     target_dtype = resolve_dtype(dtype, released_weights.values())
     state_dict = convert_released_state_dict(released_weights, config)
     del released_weights
-    for key, tensor in state_dict.items():
-        if tensor.is_floating_point() and tensor.dtype != target_dtype:
-            state_dict[key] = tensor.to(target_dtype)
     processor = _build_processor(source, config)
-
-    # `state_dict=` makes transformers use these tensors as the parameters (no second copy of the weights).
-    model, loading_info = GromaForConditionalGeneration.from_pretrained(
-        None, config=config, state_dict=state_dict, dtype=target_dtype, output_loading_info=True
-    )
+    model = instantiate_converted(GromaForConditionalGeneration, config, state_dict, target_dtype)
     del state_dict
-    check_loading_info(loading_info)
 
     return write_converted_checkpoint(
         model,

@@ -73,8 +73,8 @@ from transformers import AutoTokenizer, BlipImageProcessor, PreTrainedModel
 
 from hf_regionmm.hub.conversion import (
     check_destination,
-    check_loading_info,
     format_keys,
+    instantiate_converted,
     resolve_dtype,
     torch_load_weights_only,
     write_converted_checkpoint,
@@ -656,18 +656,10 @@ def convert_regionblip_checkpoint(
     )
     del lavis_state_dict, base_weights, point_bert_weights
     keep_fp32 = tuple(f"model.{name}" for name in RegionBlipForConditionalGeneration._keep_in_fp32_modules)
-    for key, tensor in state_dict.items():
-        if tensor.is_floating_point():
-            wanted = torch.float32 if target_dtype == torch.float16 and key.startswith(keep_fp32) else target_dtype
-            if tensor.dtype != wanted:
-                state_dict[key] = tensor.to(wanted)
-
-    # `state_dict=` makes transformers use these tensors as the parameters (no second copy of the weights).
-    model, loading_info = RegionBlipForConditionalGeneration.from_pretrained(
-        None, config=config, state_dict=state_dict, dtype=target_dtype, output_loading_info=True
+    model = instantiate_converted(
+        RegionBlipForConditionalGeneration, config, state_dict, target_dtype, keep_fp32=keep_fp32
     )
     del state_dict, blip2_model
-    check_loading_info(loading_info)
 
     return write_converted_checkpoint(
         model,

@@ -78,8 +78,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from hf_regionmm.hub.conversion import (
     check_destination,
-    check_loading_info,
     format_keys,
+    instantiate_converted,
     resolve_dtype,
     write_converted_checkpoint,
 )
@@ -838,16 +838,8 @@ def convert_tap_checkpoint(
     derived = [key for key in weights if key.endswith(".num_batches_tracked") or key.endswith(".rel_pos_embed.index")]
     state_dict = convert_tap_state_dict(weights, config, bank)
     del weights
-    for key, tensor in state_dict.items():
-        if tensor.is_floating_point() and tensor.dtype != target_dtype:
-            state_dict[key] = tensor.to(target_dtype)
-
-    # `state_dict=` makes transformers use these tensors as the parameters (no second copy of the weights).
-    model, loading_info = TapModel.from_pretrained(
-        None, config=config, state_dict=state_dict, dtype=target_dtype, output_loading_info=True
-    )
+    model = instantiate_converted(TapModel, config, state_dict, target_dtype)
     del state_dict
-    check_loading_info(loading_info)
 
     _warn(
         "TAP v1.x -> hf_regionmm TapModel: the BGR normalization (pixel_mean / pixel_rsig) moved to the image "

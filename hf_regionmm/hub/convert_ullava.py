@@ -55,9 +55,9 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from hf_regionmm.hub.conversion import (
     check_destination,
-    check_loading_info,
     expected_shapes,
     format_keys,
+    instantiate_converted,
     load_weight_file,
     resolve_dtype,
     write_converted_checkpoint,
@@ -641,9 +641,6 @@ def convert_ullava_checkpoint(
     target_dtype = resolve_dtype(dtype, released_weights.values())
     state_dict = convert_released_state_dict(released_weights, config)
     del released_weights
-    for key, tensor in state_dict.items():
-        if tensor.is_floating_point() and tensor.dtype != target_dtype:
-            state_dict[key] = tensor.to(target_dtype)
     processor = None
     if tokenizer is not False:
         tokenizer_source = Path(tokenizer) if isinstance(tokenizer, (str, Path)) else source
@@ -652,15 +649,15 @@ def convert_ullava_checkpoint(
         elif tokenizer is not None:
             raise ValueError(f"`tokenizer` {tokenizer_source} is not a folder with tokenizer files.")
 
-    # Legacy checkpoints have no location heads: transformers initialises them; a fixed seed makes that repeatable.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model, loading_info = ULlavaForConditionalGeneration.from_pretrained(
-            None, config=config, state_dict=state_dict, dtype=target_dtype, output_loading_info=True
-        )
+    # Legacy checkpoints have no location heads: they keep their (seeded, repeatable) initialisation.
+    model = instantiate_converted(
+        ULlavaForConditionalGeneration,
+        config,
+        state_dict,
+        target_dtype,
+        allowed_missing=lambda loaded: () if has_location_heads else _location_keys(loaded.state_dict()),
+    )
     del state_dict
-    allowed_missing = set() if has_location_heads else set(_location_keys(model.state_dict()))
-    check_loading_info(loading_info, allowed_missing)
 
     return write_converted_checkpoint(
         model,
