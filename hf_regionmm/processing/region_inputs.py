@@ -34,7 +34,7 @@ def _as_float_tensor(value: Any, where: str, expected: str) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         if value.dtype == torch.bool or value.is_complex():
             raise TypeError(f"`{where}` must hold real numbers; got a {value.dtype} tensor. Pass {expected}.")
-        # Copy: the caller's tensor must never be modified by later in-place clipping.
+        # Copy: the returned boxes must never alias the caller's tensor.
         return value.detach().to(device="cpu", dtype=torch.float32).clone()
     if isinstance(value, np.ndarray):
         if value.dtype.kind not in "iuf":
@@ -150,33 +150,46 @@ def validate_pixel_boxes(
                 f"`{where}` has {tensor.shape[0]} boxes but the model has only {max_boxes} region slots; "
                 f"pass at most {max_boxes} boxes per image."
             )
-        for box_index, box in enumerate(tensor):
-            box_where = f"`{where}[{box_index}]` = {_format_values(box)}"
-            if not bool(torch.isfinite(box).all()):
-                raise ValueError(f"{box_where} contains NaN or inf; every coordinate must be a finite number.")
-            x1, y1, x2, y2 = box.tolist()
-            if x2 <= x1 or y2 <= y1:
-                raise ValueError(
-                    f"{box_where} must have x2 > x1 and y2 > y1. Pass absolute pixel xyxy boxes (x1, y1, x2, y2); "
-                    f"convert (x, y, w, h) boxes with x2 = x + w, y2 = y + h."
+        # A few boxes per image: the checks run on Python floats (a tensor op per check costs more than the loop).
+        rows = tensor.tolist()
+        for box_index, (x1, y1, x2, y2) in enumerate(rows):
+            problem = None
+            if not all(math.isfinite(value) for value in (x1, y1, x2, y2)):
+                problem = "contains NaN or inf; every coordinate must be a finite number."
+            elif x2 <= x1 or y2 <= y1:
+                problem = (
+                    "must have x2 > x1 and y2 > y1. Pass absolute pixel xyxy boxes (x1, y1, x2, y2); convert "
+                    "(x, y, w, h) boxes with x2 = x + w, y2 = y + h."
                 )
-            if (
+            elif (
                 x1 < -_PIXEL_TOLERANCE
                 or y1 < -_PIXEL_TOLERANCE
                 or x2 > width + _PIXEL_TOLERANCE
                 or y2 > height + _PIXEL_TOLERANCE
             ):
-                raise ValueError(
-                    f"{box_where} lies outside image {image_index} of size (height={height}, width={width}). "
-                    f"Pass absolute pixel xyxy coordinates of the original image."
+                problem = (
+                    f"lies outside image {image_index} of size (height={height}, width={width}). Pass absolute "
+                    "pixel xyxy coordinates of the original image."
                 )
-        if max(height, width) > 2 and bool((tensor <= 1.0).all()):
+            if problem is not None:
+                raise ValueError(f"`{where}[{box_index}]` = {_format_values(tensor[box_index])} {problem}")
+        if max(height, width) > 2 and all(value <= 1.0 for row in rows for value in row):
             raise ValueError(
-                f"`{where}` = {tensor.tolist()} looks normalized to [0, 1], but boxes must be absolute pixel xyxy of "
+                f"`{where}` = {rows} looks normalized to [0, 1], but boxes must be absolute pixel xyxy of "
                 f"the {width}x{height} image; multiply x by the width and y by the height."
             )
-        tensor[:, 0::2] = tensor[:, 0::2].clamp(0, width)
-        tensor[:, 1::2] = tensor[:, 1::2].clamp(0, height)
+        tensor = torch.tensor(
+            [
+                [
+                    min(max(x1, 0.0), width),
+                    min(max(y1, 0.0), height),
+                    min(max(x2, 0.0), width),
+                    min(max(y2, 0.0), height),
+                ]
+                for x1, y1, x2, y2 in rows
+            ],
+            dtype=torch.float32,
+        )
         validated.append(tensor)
     return validated
 
