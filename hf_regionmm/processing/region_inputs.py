@@ -336,18 +336,22 @@ def validate_points(
                     f"`{object_where}` must be a list of points with 2 numbers [x, y] each (shape (p, 2)); got shape "
                     f"{tuple(object_points.shape)}."
                 )
-            for point_index, point in enumerate(object_points):
-                point_where = f"`{object_where}[{point_index}]` = {_format_values(point)}"
-                if not bool(torch.isfinite(point).all()):
-                    raise ValueError(f"{point_where} contains NaN or inf; every coordinate must be a finite number.")
-                x, y = point.tolist()
-                if not (
+            # Python floats: a tensor op per point costs more than the check; only a failing point is formatted.
+            for point_index, (x, y) in enumerate(object_points.tolist()):
+                problem = None
+                if not (math.isfinite(x) and math.isfinite(y)):
+                    problem = "contains NaN or inf; every coordinate must be a finite number."
+                elif not (
                     -_PIXEL_TOLERANCE <= x <= width + _PIXEL_TOLERANCE
                     and -_PIXEL_TOLERANCE <= y <= height + _PIXEL_TOLERANCE
                 ):
+                    problem = (
+                        f"lies outside image {image_index} of size (height={height}, width={width}). Pass absolute "
+                        "pixel (x, y) coordinates of the original image."
+                    )
+                if problem is not None:
                     raise ValueError(
-                        f"{point_where} lies outside image {image_index} of size (height={height}, width={width}). "
-                        f"Pass absolute pixel (x, y) coordinates of the original image."
+                        f"`{object_where}[{point_index}]` = {_format_values(object_points[point_index])} {problem}"
                     )
             object_labels = _object_labels(
                 None if labels is None else image_labels[object_index],
