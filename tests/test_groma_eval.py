@@ -26,6 +26,7 @@ from hf_regionmm.evaluation.groma_eval import (
     evaluate_groma_checkpoint,
     generate_groma_answers,
     groma_eval_scenes,
+    rec_accuracy_by_kind,
 )
 from hf_regionmm.modeling.box_ops import box_xyxy_to_cxcywh
 from hf_regionmm.modeling.detr_proposer import DetrProposerOutput
@@ -198,9 +199,12 @@ def test_wrong_oracle_scores_zero(processor):
 
 def test_half_right_oracle_matches_hand_computed_scores(processor):
     model = _oracle_model(processor, "half")
-    metrics = evaluate_groma(model, processor, _scenes(), tasks=("rec", "multi_grounding"))
+    predictions: dict = {}
+    metrics = evaluate_groma(model, processor, _scenes(), tasks=("rec", "multi_grounding"), predictions=predictions)
     # REC: scene 0's three expressions right, scene 1's two wrong.
     assert metrics["rec_acc@0.5"] == pytest.approx(3 / 5)
+    assert [sample["kind"] for sample in predictions["rec"]] == ["attribute"] * 5
+    assert rec_accuracy_by_kind(predictions["rec"]) == {"attribute": pytest.approx(3 / 5)}
     # Grounding pools recall per category: square 1/1, circle 1/2 (second circle dropped), star 1/2.
     assert metrics["ar"] == pytest.approx((1.0 + 0.5 + 0.5) / 3)
     assert set(metrics) == {"rec_acc@0.5", "rec_miou", "rec_no_box_rate", "ar", "ar50", "ar75"}
@@ -281,6 +285,11 @@ def test_quick_demo_writes_checkpoint_card_pictures_and_reloads(tmp_path: Path):
     assert saved["metrics"] == pytest.approx(metrics)
     assert saved["recipe"]["shuffle_regions_in_training"] is False
     assert 0.0 <= saved["rec_answers_naming_r0"] <= 1.0
+    # REC per expression kind, before and after; the card names the trained model's.
+    assert set(saved["rec_acc_by_kind"]) == {"before", "after"}
+    assert set(saved["rec_acc_by_kind"]["after"]) <= {"attribute", "relation", "ordinal"}
+    assert all(0.0 <= value <= 1.0 for value in saved["rec_acc_by_kind"]["after"].values())
+    assert "REC acc@0.5 of the trained model by expression kind: " in card
     # Slots may be shuffled in training only: the saved model keeps the deterministic order that `<rK>` answers index.
     assert json.loads((checkpoint / "config.json").read_text())["shuffle_regions"] is False
 
@@ -318,3 +327,20 @@ def test_demo_recipe_training_the_image_encoder_in_det_says_so_and_trains_it(tmp
     assert torch.equal(
         untrained.model.region_encoder.output_proj.weight, trained.model.region_encoder.output_proj.weight
     )
+
+
+def test_rec_accuracy_by_kind_groups_samples_by_their_expression_kind():
+    box = [10.0, 10.0, 50.0, 50.0]
+    shifted = [30.0, 30.0, 70.0, 70.0]  # IoU 1/7 with `box`
+    samples = [
+        {"kind": "relation", "prediction": box, "reference": box},
+        {"kind": "attribute", "prediction": box, "reference": box},
+        {"kind": "relation", "prediction": shifted, "reference": box},
+        {"kind": "attribute", "prediction": None, "reference": box},  # no box named: wrong
+        {"kind": "attribute", "prediction": box, "reference": box},
+        {"prediction": box, "reference": box},  # data without kinds
+    ]
+    by_kind = rec_accuracy_by_kind(samples)
+    assert list(by_kind) == ["relation", "attribute", "unknown"]
+    assert by_kind == {"relation": 0.5, "attribute": pytest.approx(2 / 3), "unknown": 1.0}
+    assert rec_accuracy_by_kind([]) == {}

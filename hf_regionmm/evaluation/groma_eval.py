@@ -44,6 +44,7 @@ __all__ = [
     "evaluable_tasks",
     "generate_groma_answers",
     "groma_eval_scenes",
+    "rec_accuracy_by_kind",
 ]
 
 GROMA_EVAL_TASKS = ("rec", "multi_grounding", "region_caption")
@@ -219,6 +220,28 @@ def _scene_list(scenes: Any, tasks: Sequence[str]) -> list[Mapping[str, Any]]:
     return rows
 
 
+def rec_accuracy_by_kind(rec_predictions: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """REC acc@0.5 per expression kind, from `evaluate_groma(..., predictions=...)["rec"]`.
+
+    The kinds are the data's (synthetic: `attribute`, `relation`, `ordinal`; RefCOCO: its data set name); samples
+    without one count as `unknown`. The rule is `rec_accuracy`'s (IoU strictly above 0.5), kinds in order of
+    appearance.
+    """
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for sample in rec_predictions:
+        groups.setdefault(sample.get("kind") or "unknown", []).append(sample)
+    metric = load_metric("rec_accuracy")
+    return {
+        kind: float(
+            metric.compute(
+                predictions=[sample["prediction"] for sample in samples],
+                references=[sample["reference"] for sample in samples],
+            )["accuracy"]
+        )
+        for kind, samples in groups.items()
+    }
+
+
 def evaluable_tasks(scenes: Any) -> tuple[str, ...]:
     """The tasks of `GROMA_EVAL_TASKS` that at least one scene has annotations for (real-format data fills only some
     columns of the scene schema: RefCOCO expressions, COCO categories, Visual Genome region descriptions); the same
@@ -295,6 +318,7 @@ def evaluate_groma(
             for index, row in enumerate(rows)
             for expression in row["referring_expressions"]
         ]
+        kinds = [expression.get("kind") for row in rows for expression in row["referring_expressions"]]
         answers = generate_groma_answers(
             model,
             processor,
@@ -318,11 +342,12 @@ def evaluate_groma(
                 {
                     "scene": index,
                     "expression": text,
+                    "kind": kind,
                     "reference": box,
                     "prediction": answer.rec_box,
                     "answer": answer.text,
                 }
-                for (index, text, box), answer in zip(samples, answers, strict=True)
+                for (index, text, box), kind, answer in zip(samples, kinds, answers, strict=True)
             ]
         report(f"REC: acc@0.5 {metrics['rec_acc@0.5']:.3f} on {len(samples)} expressions")
 

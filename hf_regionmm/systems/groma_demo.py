@@ -24,7 +24,8 @@ region captions start to name the shapes' attributes (CIDEr-D ~0 -> ~0.47). REC 
 that is the proposer's top-scoring region (`<r0>` in 88-97% of answers, by run): a 64-wide 2-layer LLM trained
 from scratch does not learn to pick the slot that matches the expression within this budget (the pointer has to
 bridge ~100 prompt tokens; REC-only runs of 3000 steps, 3-layer or 128-wide LLMs and multi-turn REC conversations
-did not get it either). The card and `metrics.json` report the share of REC answers that name `<r0>`.
+did not get it either). The card and `metrics.json` report the share of REC answers that name `<r0>` and REC
+acc@0.5 per expression kind (attribute / relation / ordinal).
 
 Why slot selection is not learned (measured; 32 held-out scenes, 193 expressions, the same det proposer, 150 align +
 1200 instruct steps each):
@@ -105,7 +106,13 @@ from transformers import PrinterCallback, TrainerCallback, set_seed
 
 from ..data.pictures import draw_boxes, draw_grounding
 from ..data.synthetic import generate_scenes
-from ..evaluation.groma_eval import GROMA_EVAL_SCENES, evaluate_groma, generate_groma_answers, groma_eval_scenes
+from ..evaluation.groma_eval import (
+    GROMA_EVAL_SCENES,
+    evaluate_groma,
+    generate_groma_answers,
+    groma_eval_scenes,
+    rec_accuracy_by_kind,
+)
 from ..modeling.modeling_groma import GromaForConditionalGeneration
 from ..processing.processing_groma import grounded_caption_prompt, rec_prompt
 from ..trainers.groma import GROMA_STAGES, GromaTrainingDataset
@@ -376,7 +383,11 @@ def _first_region_index(answer: str) -> int | None:
 
 
 def _training_summary(
-    recipe: GromaDemoRecipe, before: Mapping[str, float], after: Mapping[str, float], top_region_share: float | None
+    recipe: GromaDemoRecipe,
+    before: Mapping[str, float],
+    after: Mapping[str, float],
+    top_region_share: float | None,
+    rec_by_kind: Mapping[str, float] | None = None,
 ) -> str:
     return (
         "This tiny checkpoint was trained by `hf-regionmm demo` from random weights on procedurally generated "
@@ -390,6 +401,13 @@ def _training_summary(
             "top-scoring region: the accuracy above measures the proposer and that choice, not yet a learned match "
             "between expression and region.\n"
             if top_region_share is not None
+            else ""
+        )
+        + (
+            "REC acc@0.5 of the trained model by expression kind: "
+            + ", ".join(f"{kind} {value:.3f}" for kind, value in rec_by_kind.items())
+            + ".\n"
+            if rec_by_kind
             else ""
         )
     )
@@ -436,7 +454,8 @@ def groma_demo(
 
     eval_scenes = groma_eval_scenes(recipe.num_eval_scenes, seed=recipe.seed)
     progress(f"groma: evaluating the untrained model on {len(eval_scenes)} held-out scenes")
-    before = evaluate_groma(model, processor, eval_scenes, tasks=recipe.eval_tasks)
+    before_predictions: dict[str, list[dict[str, Any]]] = {}
+    before = evaluate_groma(model, processor, eval_scenes, tasks=recipe.eval_tasks, predictions=before_predictions)
 
     started = time.perf_counter()
     train_scenes = generate_scenes(recipe.num_train_scenes, seed=recipe.seed, split="train", **GROMA_EVAL_SCENES)
@@ -461,6 +480,13 @@ def groma_demo(
     # How often REC names the first slot tells a learned expression-to-region match from the top-score shortcut.
     first_slots = [_first_region_index(answer) for answer in rec_answers]
     top_region_share = sum(slot == 0 for slot in first_slots) / len(first_slots) if first_slots else None
+    # Per expression kind (attribute / relation / ordinal): attribute expressions need no spatial reasoning, so their
+    # accuracy tells a learned expression-to-region match from the shortcut most directly.
+    by_kind = {
+        stage: rec_accuracy_by_kind(stage_predictions["rec"])
+        for stage, stage_predictions in (("before", before_predictions), ("after", after_predictions))
+        if "rec" in stage_predictions
+    }
 
     save_demo_checkpoint(
         model,
@@ -470,13 +496,20 @@ def groma_demo(
         model_id="groma-tiny-demo",
         eval_results=after,
         eval_dataset=f"hf_regionmm synthetic (held-out split, {len(eval_scenes)} scenes)",
-        training_summary=_training_summary(recipe, before, after, top_region_share),
+        training_summary=_training_summary(recipe, before, after, top_region_share, by_kind.get("after")),
     )
     picture_scenes = eval_scenes.select(range(min(recipe.num_pictures, len(eval_scenes))))
     _pictures(model, processor, picture_scenes, output_dir / "pictures")
 
     metrics = write_demo_metrics(
-        output_dir, before, after, train_seconds, recipe, rec_answers_naming_r0=top_region_share, losses=losses
+        output_dir,
+        before,
+        after,
+        train_seconds,
+        recipe,
+        rec_answers_naming_r0=top_region_share,
+        rec_acc_by_kind=by_kind,
+        losses=losses,
     )
     progress(
         f"groma: REC acc@0.5 {before['rec_acc@0.5']:.3f} -> {after['rec_acc@0.5']:.3f}, AR {before['ar']:.3f} -> "
