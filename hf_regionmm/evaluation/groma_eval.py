@@ -314,21 +314,20 @@ def evaluate_groma(
 
     if "rec" in tasks:
         samples = [
-            (index, expression["text"], list(row["boxes"][expression["object_index"]]))
+            (index, expression["text"], list(row["boxes"][expression["object_index"]]), expression.get("kind"))
             for index, row in enumerate(rows)
             for expression in row["referring_expressions"]
         ]
-        kinds = [expression.get("kind") for row in rows for expression in row["referring_expressions"]]
         answers = generate_groma_answers(
             model,
             processor,
-            [rows[index]["image"] for index, _, _ in samples],
-            [rec_prompt(text) for _, text, _ in samples],
+            [rows[index]["image"] for index, _, _, _ in samples],
+            [rec_prompt(text) for _, text, _, _ in samples],
             max_new_tokens=budget("rec"),
             batch_size=batch_size,
         )
         result = load_metric("rec_accuracy").compute(
-            predictions=[answer.rec_box for answer in answers], references=[box for _, _, box in samples]
+            predictions=[answer.rec_box for answer in answers], references=[box for _, _, box, _ in samples]
         )
         metrics.update(
             {
@@ -347,7 +346,7 @@ def evaluate_groma(
                     "prediction": answer.rec_box,
                     "answer": answer.text,
                 }
-                for (index, text, box), kind, answer in zip(samples, kinds, answers, strict=True)
+                for (index, text, box, kind), answer in zip(samples, answers, strict=True)
             ]
         report(f"REC: acc@0.5 {metrics['rec_acc@0.5']:.3f} on {len(samples)} expressions")
 
