@@ -291,7 +291,11 @@ def test_quick_demo_writes_checkpoint_card_pictures_and_reloads(tmp_path: Path):
     assert all(0.0 <= value <= 1.0 for value in saved["rec_acc_by_kind"]["after"].values())
     assert "REC acc@0.5 of the trained model by expression kind: " in card
     # Slots may be shuffled in training only: the saved model keeps the deterministic order that `<rK>` answers index.
-    assert json.loads((checkpoint / "config.json").read_text())["shuffle_regions"] is False
+    saved_config = json.loads((checkpoint / "config.json").read_text())
+    assert saved_config["shuffle_regions"] is False
+    # The tiny LLM starts at a weight scale for its 64-wide layers, not Llama's 7B-width 0.02; the card says so.
+    assert saved_config["text_config"]["initializer_range"] == 0.125
+    assert "LLM drawn at initializer_range 0.125" in card
 
     # The saved checkpoint, loaded through the Auto classes, reproduces the demo's final evaluation.
     model = AutoModelForImageTextToText.from_pretrained(checkpoint)

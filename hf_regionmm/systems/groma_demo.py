@@ -418,9 +418,12 @@ def _training_summary(
     after: Mapping[str, float],
     top_region_share: float | None,
     rec_by_kind: Mapping[str, float] | None = None,
+    initializer_range: float | None = None,
 ) -> str:
     return (
-        "This tiny checkpoint was trained by `hf-regionmm demo` from random weights on procedurally generated "
+        "This tiny checkpoint was trained by `hf-regionmm demo` from random weights"
+        + (f" (LLM drawn at initializer_range {initializer_range:g})" if initializer_range is not None else "")
+        + " on procedurally generated "
         f"scenes of 2-4 coloured shapes ({recipe.num_train_scenes} training scenes): `det` {recipe.det_steps} steps "
         f"at lr {recipe.det_lr:g}, `align` {recipe.align_steps} steps at lr {recipe.align_lr:g}, `instruct` "
         f"{recipe.instruct_steps} steps at lr {recipe.instruct_lr:g}, batch {recipe.batch_size} (the paper's learning "
@@ -526,7 +529,14 @@ def groma_demo(
         model_id="groma-tiny-demo",
         eval_results=after,
         eval_dataset=f"hf_regionmm synthetic (held-out split, {len(eval_scenes)} scenes)",
-        training_summary=_training_summary(recipe, before, after, top_region_share, by_kind.get("after")),
+        training_summary=_training_summary(
+            recipe,
+            before,
+            after,
+            top_region_share,
+            by_kind.get("after"),
+            initializer_range=config.text_config.initializer_range,
+        ),
     )
     picture_scenes = eval_scenes.select(range(min(recipe.num_pictures, len(eval_scenes))))
     _pictures(model, processor, picture_scenes, output_dir / "pictures")
