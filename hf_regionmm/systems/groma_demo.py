@@ -186,7 +186,7 @@ class GromaDemoRecipe:
             "nms_thres": 0.5,
             # Llama's initializer_range 0.02 is ~1.3/sqrt(hidden) at 4096 wide; at the tiny LLM's 64 the same scale
             # is 1/sqrt(64). With 0.02 the tiny LLM starts near attention's flat point and learns much slower
-            # (measured: region-caption CIDEr-D ~0.47 -> ~1.5 in the same steps; see the module docstring).
+            # (measured: region-caption CIDEr-D 0.47 -> 1.49 and 0.56 -> 0.93 in the same steps, seeds 0 and 1).
             "text_config": {"initializer_range": 0.125},
             "proposer_feature_source": "mean_last_4",
             "proposer_config": {
