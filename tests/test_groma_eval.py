@@ -177,6 +177,10 @@ def test_right_oracle_scores_perfectly_in_original_pixels(processor):
     assert metrics["rec_acc@0.5"] == 1.0
     assert metrics["rec_no_box_rate"] == 0.0
     assert metrics["rec_miou"] > 0.999
+    # Reference points on the same slots: `<r0>` holds object 2 of scene 0 and object 1 of scene 1 (2 of 5
+    # expressions); every reference has its own slot.
+    assert metrics["rec_first_region_acc@0.5"] == pytest.approx(2 / 5)
+    assert metrics["rec_best_region_acc@0.5"] == 1.0
     assert metrics["ar"] == pytest.approx(1.0) and metrics["ar50"] == 1.0 and metrics["ar75"] == 1.0
     references = [caption for scene in _scenes() for caption in scene["region_captions"]]
     perfect = load_metric("cider_d").compute(predictions=references, references=[[c] for c in references])
@@ -193,6 +197,9 @@ def test_wrong_oracle_scores_zero(processor):
     metrics = evaluate_groma(model, processor, _scenes(), batch_size=3)
     assert metrics["rec_acc@0.5"] == 0.0 and metrics["rec_miou"] == 0.0 and metrics["rec_no_box_rate"] == 0.0
     assert metrics["ar"] == 0.0 and metrics["ar50"] == 0.0
+    # The reference points depend on the regions only, not on the answers.
+    assert metrics["rec_first_region_acc@0.5"] == pytest.approx(2 / 5)
+    assert metrics["rec_best_region_acc@0.5"] == 1.0
     right = evaluate_groma(_oracle_model(processor, "right"), processor, _scenes(), tasks=("region_caption",))
     assert metrics["region_caption_cider_d"] < right["region_caption_cider_d"]
 
@@ -207,7 +214,16 @@ def test_half_right_oracle_matches_hand_computed_scores(processor):
     assert rec_accuracy_by_kind(predictions["rec"]) == {"attribute": pytest.approx(3 / 5)}
     # Grounding pools recall per category: square 1/1, circle 1/2 (second circle dropped), star 1/2.
     assert metrics["ar"] == pytest.approx((1.0 + 0.5 + 0.5) / 3)
-    assert set(metrics) == {"rec_acc@0.5", "rec_miou", "rec_no_box_rate", "ar", "ar50", "ar75"}
+    assert set(metrics) == {
+        "rec_acc@0.5",
+        "rec_miou",
+        "rec_no_box_rate",
+        "rec_first_region_acc@0.5",
+        "rec_best_region_acc@0.5",
+        "ar",
+        "ar50",
+        "ar75",
+    }
 
 
 def test_no_region_token_counts_as_missing_box(processor):
@@ -216,7 +232,13 @@ def test_no_region_token_counts_as_missing_box(processor):
         [input_ids, torch.full((input_ids.shape[0], 1), processor.tokenizer.eos_token_id)], dim=1
     )
     metrics = evaluate_groma(model, processor, _scenes(), tasks=("rec",))
-    assert metrics == {"rec_acc@0.5": 0.0, "rec_miou": 0.0, "rec_no_box_rate": 1.0}
+    assert metrics == {
+        "rec_acc@0.5": 0.0,
+        "rec_miou": 0.0,
+        "rec_no_box_rate": 1.0,
+        "rec_first_region_acc@0.5": pytest.approx(2 / 5),
+        "rec_best_region_acc@0.5": 1.0,
+    }
 
 
 def test_real_generation_on_synthetic_scenes(processor):
@@ -233,6 +255,8 @@ def test_real_generation_on_synthetic_scenes(processor):
         "rec_acc@0.5",
         "rec_miou",
         "rec_no_box_rate",
+        "rec_first_region_acc@0.5",
+        "rec_best_region_acc@0.5",
         "ar",
         "ar50",
         "ar75",
@@ -290,6 +314,9 @@ def test_quick_demo_writes_checkpoint_card_pictures_and_reloads(tmp_path: Path):
     assert set(saved["rec_acc_by_kind"]["after"]) <= {"attribute", "relation", "ordinal"}
     assert all(0.0 <= value <= 1.0 for value in saved["rec_acc_by_kind"]["after"].values())
     assert "REC acc@0.5 of the trained model by expression kind: " in card
+    # The card reads REC against its two reference points on the same regions, with the measured numbers.
+    assert f"always answering `<r0>` scores {metrics['rec_first_region_acc@0.5_after']:.3f}" in card
+    assert f"always the best-overlapping slot {metrics['rec_best_region_acc@0.5_after']:.3f}" in card
     # Slots may be shuffled in training only: the saved model keeps the deterministic order that `<rK>` answers index.
     saved_config = json.loads((checkpoint / "config.json").read_text())
     assert saved_config["shuffle_regions"] is False

@@ -5,7 +5,7 @@ The three benchmarks of the Groma paper (Sec. 4.2), with the released prompt for
 
 | task | prompt | prediction | metric |
 |---|---|---|---|
-| REC (Table 2, RefCOCO/+/g) | `rec_prompt(expression)` | box of the first valid `<rK>` (`post_process_rec`) | `rec_accuracy`: acc@0.5 (IoU > 0.5), mIoU, no-box rate |
+| REC (Table 2, RefCOCO/+/g) | `rec_prompt(expression)` | box of the first valid `<rK>` (`post_process_rec`) | `rec_accuracy`: acc@0.5 (IoU > 0.5), mIoU, no-box rate; the same acc@0.5 of the first slot and of the best slot |
 | multi-object grounding (Table 3, LVIS-Ground) | `multi_grounding_prompt(plural)` for every category of a scene | every box of the answer, in order | `as_many_recall`: AR@[.5:.95], AR50, AR75, pooled per category |
 | region captioning (Table 4, Visual Genome) | `region_caption_prompt()` with the ground-truth box as the user box | the decoded caption | `cider_d` |
 
@@ -30,6 +30,7 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText
 
 from ..data.synthetic import SHAPE_PLURALS, SHAPES, generate_scenes
+from ..modeling.box_ops import box_iou
 from ..processing.processing_groma import multi_grounding_prompt, rec_prompt, region_caption_prompt
 from ..trainers.groma import groma_tasks_of_scene
 from . import load_metric
@@ -242,6 +243,28 @@ def rec_accuracy_by_kind(rec_predictions: Sequence[Mapping[str, Any]]) -> dict[s
     }
 
 
+def _reference_choices(
+    answers: Sequence[GromaAnswer], references: Sequence[Sequence[float]]
+) -> tuple[list[list[float] | None], list[list[float] | None]]:
+    """Per REC sample, the box of the first region slot (`<r0>`: the proposer's top-scoring region in the default
+    deterministic order) and of the slot overlapping the reference most (a perfect choice among the same regions);
+    None where the model had no region. Both are scored like the answers, so `rec_acc@0.5` reads between them."""
+    first, best = [], []
+    for answer, reference in zip(answers, references, strict=True):
+        if not answer.region_boxes:
+            first.append(None)
+            best.append(None)
+            continue
+        overlaps = box_iou(
+            torch.tensor(answer.region_boxes, dtype=torch.float32),
+            torch.tensor([reference], dtype=torch.float32),
+            validate=False,
+        )[:, 0]
+        first.append(answer.region_boxes[0])
+        best.append(answer.region_boxes[int(overlaps.argmax())])
+    return first, best
+
+
 def evaluable_tasks(scenes: Any) -> tuple[str, ...]:
     """The tasks of `GROMA_EVAL_TASKS` that at least one scene has annotations for (real-format data fills only some
     columns of the scene schema: RefCOCO expressions, COCO categories, Visual Genome region descriptions); the same
@@ -289,7 +312,10 @@ def evaluate_groma(
         progress: optional callback for one-line progress messages.
 
     Returns:
-        `rec_acc@0.5`, `rec_miou`, `rec_no_box_rate` (REC; IoU strictly above 0.5 as Groma's eval_rec.py), `ar`,
+        `rec_acc@0.5`, `rec_miou`, `rec_no_box_rate` (REC; IoU strictly above 0.5 as Groma's eval_rec.py) with two
+        reference points on the same region slots, `rec_first_region_acc@0.5` (always answering `<r0>`, the
+        proposer's top-scoring region) and `rec_best_region_acc@0.5` (always the slot that overlaps the reference
+        most: the ceiling the proposals set), `ar`,
         `ar50`, `ar75` (multi-object grounding, AS-MANY protocol) and `region_caption_cider_d` (pycocoevalcap
         scale, 0-10), for the requested tasks. Floats.
     """
@@ -326,14 +352,21 @@ def evaluate_groma(
             max_new_tokens=budget("rec"),
             batch_size=batch_size,
         )
-        result = load_metric("rec_accuracy").compute(
-            predictions=[answer.rec_box for answer in answers], references=[box for _, _, box, _ in samples]
-        )
+        references = [box for _, _, box, _ in samples]
+        rec_metric = load_metric("rec_accuracy")
+        result = rec_metric.compute(predictions=[answer.rec_box for answer in answers], references=references)
+        first_region, best_region = _reference_choices(answers, references)
         metrics.update(
             {
                 "rec_acc@0.5": float(result["accuracy"]),
                 "rec_miou": float(result["miou"]),
                 "rec_no_box_rate": float(result["no_box_rate"]),
+                "rec_first_region_acc@0.5": float(
+                    rec_metric.compute(predictions=first_region, references=references)["accuracy"]
+                ),
+                "rec_best_region_acc@0.5": float(
+                    rec_metric.compute(predictions=best_region, references=references)["accuracy"]
+                ),
             }
         )
         if predictions is not None:
